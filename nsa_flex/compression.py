@@ -1,0 +1,63 @@
+"""The compression function φ of NSA §3.3.1, eq. 7.
+
+φ maps the l keys (or values) of one compression block, plus a learned intra-block position
+embedding, to a single key (value). Block i covers tokens [i·d, i·d + l); only complete blocks
+exist, so T tokens give Tc = max(0, ⌊(T − l)/d⌋ + 1) of them.
+
+    tokens   0 ........ l-1
+    block 0  [---- l ----]
+    block 1      [---- l ----]          (stride d)
+    block 2          [---- l ----]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def num_cmp_blocks(seq_len: int, block: int, stride: int) -> int:
+    """Number of complete compression blocks in a sequence of ``seq_len`` tokens."""
+    if seq_len < block:
+        return 0
+    return (seq_len - block) // stride + 1
+
+
+class Compression(nn.Module):
+    """φ: a two-layer MLP over the flattened block of l vectors (plus position embedding).
+
+    Input ``x`` [B, T, H, D] (keys or values of one branch, per KV head); output
+    [B, Tc, H, D_out]. The MLP is shared across heads and blocks, as in the paper.
+    """
+
+    def __init__(self, dim: int, block: int, stride: int, hidden: int | None = None,
+                 out_dim: int | None = None):
+        super().__init__()
+        if block % stride != 0:
+            raise ValueError(f"compression stride d={stride} must divide the block length l={block}")
+        self.dim, self.block, self.stride = dim, block, stride
+        self.out_dim = out_dim or dim
+        hidden = hidden or block * dim // 2
+        self.pos_emb = nn.Parameter(torch.zeros(block, dim))
+        self.fc1 = nn.Linear(block * dim, hidden)
+        self.fc2 = nn.Linear(hidden, self.out_dim)
+        self.act = nn.GELU()
+
+    def init_weights(self, init_std: float = 0.02) -> None:
+        nn.init.normal_(self.pos_emb, std=init_std)
+        nn.init.trunc_normal_(self.fc1.weight, std=init_std)
+        nn.init.trunc_normal_(self.fc2.weight, std=init_std)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = x.shape
+        if D != self.dim:
+            raise ValueError(f"Compression expects head dim {self.dim}, got {D} (input shape {tuple(x.shape)})")
+        tc = num_cmp_blocks(T, self.block, self.stride)
+        if tc == 0:
+            return x.new_zeros(B, 0, H, self.out_dim)
+        # [B, T, H, D] -> [B, H, D, T] -> unfold over T: [B, H, D, Tc, l] -> [B, Tc, H, l, D]
+        blocks = x.permute(0, 2, 3, 1).unfold(-1, self.block, self.stride)
+        blocks = blocks.permute(0, 3, 1, 4, 2) + self.pos_emb
+        return self.fc2(self.act(self.fc1(blocks.flatten(-2))))
