@@ -1,0 +1,88 @@
+"""Block selection of NSA §3.3.2: importance scores (eqs. 8–10, pinned overlap form) and top-n
+(eqs. 11–12). Nothing here is differentiated: the selection is a discrete choice.
+
+The pass walks the sequence in chunks of positions so that the [positions, Hq, Tc] compressed
+probabilities never exist for the whole sequence at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import tuning
+from .config import NSAConfig
+
+_FORCED_KEY = torch.iinfo(torch.int32).max  # above the bit pattern of any finite float32 >= 0
+
+
+def overlap_weights(cfg: NSAConfig) -> list[float]:
+    """Weights of the compressed blocks i = j·l'/d − (l/d − 1) … j·l'/d + l'/d − 1 in block j.
+
+    Weight = |[i·d, i·d+l) ∩ [j·l', (j+1)·l')| / d; for l=32, d=16, l'=64: 1, 2, 2, 2, 1.
+    """
+    a, r = cfg.cmp_block // cfg.cmp_stride, cfg.sel_block // cfg.cmp_stride
+    return [float(min(m + 1, a, r, r + a - 1 - m)) for m in range(r + a - 1)]
+
+
+def pool_to_selection_blocks(p_cmp: torch.Tensor, cfg: NSAConfig, num_sel: int) -> torch.Tensor:
+    """Eq. 9 (overlap form): [..., Tc] compressed scores -> [..., Ts] selection-block scores."""
+    a, r = cfg.cmp_block // cfg.cmp_stride, cfg.sel_block // cfg.cmp_stride
+    w = torch.tensor(overlap_weights(cfg), dtype=p_cmp.dtype, device=p_cmp.device)
+    K = w.numel()
+    need = (num_sel - 1) * r + K                     # padded length covering every window
+    padded = F.pad(p_cmp, (a - 1, max(0, need - (a - 1) - p_cmp.shape[-1])))
+    return padded.unfold(-1, K, r)[..., :num_sel, :] @ w
+
+
+def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
+    """Eqs. 11–12: [..., P, Ts] scores at positions ``pos`` [P] -> [..., P, n] block numbers.
+
+    Candidates are blocks with j·l' ≤ t; the n_init first and the n_local blocks ending at ⌊t/l'⌋
+    are forced; the rest go by score, ties to the lower j (the key packs the score's bits above
+    the reversed block number, so one integer top-k is exact). Unused slots hold −1.
+    """
+    Ts = p_slc.shape[-1]
+    j = torch.arange(Ts, device=p_slc.device)
+    cur = (pos // cfg.sel_block)[:, None]
+    cand = j <= cur
+    forced = cand & ((j < cfg.n_init) | (j > cur - cfg.n_local))
+    bits = p_slc.float().clamp_min(0).view(torch.int32)
+    key = torch.where(forced, _FORCED_KEY, torch.where(cand, bits, -1)).to(torch.int64)
+    key = (key << 32) | (Ts - 1 - j)
+    k = min(cfg.sel_topn, Ts)
+    top = torch.topk(key, k, dim=-1, sorted=False).values
+    idx = torch.where(top >= 0, Ts - 1 - (top & 0xFFFFFFFF), -1)
+    if k < cfg.sel_topn:
+        idx = F.pad(idx, (0, cfg.sel_topn - k), value=-1)
+    return idx.to(torch.int32)
+
+
+@torch.no_grad()
+def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
+                  cfg: NSAConfig, scale: float, group: int, seq_len: int) -> torch.Tensor:
+    """Scores and top-n for every position: returns [B, Hkv, T, n] int32 block numbers.
+
+    q_packed [B, Hkv, T·G, Dk]; k_cmp [B, Hkv, Tc, Dk]; lse_cmp [B, Hkv, T·G] the compressed
+    branch's log-sum-exp (natural log), so p_cmp = exp(scale·q·k − lse) (eq. 8).
+    """
+    B, H, _, _ = q_packed.shape
+    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(seq_len)
+    chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
+    i = torch.arange(Tc, device=q_packed.device)
+    out = []
+    for t0 in range(0, seq_len, chunk):
+        t1 = min(seq_len, t0 + chunk)
+        pos = torch.arange(t0, t1, device=q_packed.device)
+        if Tc == 0:
+            p_slc = q_packed.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
+        else:
+            q = q_packed[:, :, t0 * group:t1 * group]
+            s = torch.matmul(q, k_cmp.transpose(-1, -2)).float() * scale
+            lse = lse_cmp[:, :, t0 * group:t1 * group, None].float()
+            visible = (i * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= pos.repeat_interleave(group)[:, None]
+            p = torch.where(visible, torch.exp(s - lse), 0.0)             # eq. 8, per query head
+            p = p.view(B, H, t1 - t0, group, Tc).sum(3)                 # eq. 10, sum over the group
+            p_slc = pool_to_selection_blocks(p, cfg, Ts)                # eq. 9
+        out.append(top_n(p_slc, pos, cfg))
+    return torch.cat(out, dim=2)

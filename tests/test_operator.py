@@ -1,0 +1,107 @@
+"""The operator against the independent float64 reference (tests/reference.py), on CPU."""
+
+import pytest
+import torch
+
+from nsa_flex import NSAConfig, nsa_attention
+from reference import reference_nsa
+
+
+def make_inputs(B, T, Hq, Hkv, Dk, Dv, cfg, separate_swa=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Tc = cfg.num_cmp_blocks(T)
+    shapes = [(B, T, Hq, Dk), (B, T, Hkv, Dk), (B, T, Hkv, Dv), (B, Tc, Hkv, Dk), (B, Tc, Hkv, Dv)]
+    xs = [torch.randn(*s, generator=g, dtype=dtype) for s in shapes]
+    xs.append(torch.rand(B, T, Hq, 3, generator=g, dtype=dtype))
+    swa = [torch.randn(B, T, Hkv, Dk, generator=g, dtype=dtype),
+           torch.randn(B, T, Hkv, Dv, generator=g, dtype=dtype)] if separate_swa else [None, None]
+    return xs, swa
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # (B, T, Hq, Hkv, Dk, Dv, cfg kwargs, separate swa)
+    (1, 77, 4, 4, 16, 16, dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, n_init=1, n_local=1, window=9), False),
+    (2, 61, 4, 2, 16, 8, dict(cmp_block=8, cmp_stride=8, sel_block=8, sel_topn=4, n_init=1, n_local=2, window=5), True),
+    (1, 93, 8, 2, 8, 12, dict(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=20, n_init=1, n_local=2, window=20), False),
+    (1, 70, 16, 1, 12, 16, dict(cmp_block=4, cmp_stride=2, sel_block=8, sel_topn=4, n_init=2, n_local=1, window=7), True),
+    (2, 45, 32, 2, 8, 8, dict(cmp_block=16, cmp_stride=8, sel_block=16, sel_topn=2, n_init=0, n_local=0, window=1), False),
+    (1, 130, 4, 1, 16, 24, dict(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=50), False),
+    (1, 20, 2, 1, 8, 8, dict(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512), False),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}" for c in CASES])
+def test_matches_float64_reference(case):
+    B, T, Hq, Hkv, Dk, Dv, kw, separate = case
+    cfg = NSAConfig(**kw)
+    xs, swa = make_inputs(B, T, Hq, Hkv, Dk, Dv, cfg, separate)
+    ours = [x.clone().requires_grad_() for x in xs + [s for s in swa if s is not None]]
+    refs = [x.detach().double().requires_grad_() for x in ours]
+    n_main = 6
+
+    def split(ts):
+        return ts[:n_main], (ts[n_main:] + [None, None])[:2]
+
+    (a, (ks, vs)), (ra, (rks, rvs)) = split(ours), split(refs)
+    o, idx = nsa_attention(*a, cfg, k_swa=ks, v_swa=vs, return_indices=True)
+    o_ref, sel_ref = reference_nsa(*ra, cfg, k_swa=rks, v_swa=rvs)
+
+    assert o.shape == (B, T, Hq, Dv) and o.dtype == torch.float32
+    assert idx.shape == (B, T, Hkv, cfg.sel_topn)
+    assert rel(o, o_ref) < 1e-4
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(T):
+                got = idx[b, t, h].tolist()
+                chosen = {j for j in got if j >= 0}
+                assert len(chosen) == sum(j >= 0 for j in got), "a block selected twice"
+                assert chosen == sel_ref[b][h][t], (b, h, t)
+
+    w = torch.randn_like(o_ref)
+    (o * w.float()).sum().backward()
+    (o_ref * w).sum().backward()
+    names = ["q", "k", "v", "k_cmp", "v_cmp", "gates", "k_swa", "v_swa"]
+    for name, x, rx in zip(names, ours, refs):
+        if rx.grad is None or rx.numel() == 0:
+            continue
+        assert x.grad is not None, name
+        assert rel(x.grad, rx.grad) < 1e-4, (name, rel(x.grad, rx.grad))
+
+
+def test_no_cmp_block_gives_zero_compressed_output():
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, window=4)
+    xs, _ = make_inputs(1, 40, 2, 1, 8, 8, cfg)
+    gates = torch.zeros_like(xs[5])
+    gates[..., 0] = 1.0                       # compressed branch only
+    o = nsa_attention(*xs[:5], gates, cfg)
+    assert torch.all(o[:, :31] == 0)          # t < l - 1 sees no complete block
+    assert torch.all(o[:, 31:].abs().sum(-1) > 0)
+
+
+def test_bfloat16_close_to_float32():
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=12)
+    xs, _ = make_inputs(1, 64, 4, 2, 16, 16, cfg)
+    o32 = nsa_attention(*xs, cfg)
+    o16 = nsa_attention(*[x.bfloat16() for x in xs], cfg)
+    assert o16.dtype == torch.bfloat16
+    assert rel(o16, o32) < 2e-2
+
+
+def test_compiled_matches_eager_on_cpu():
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=12)
+    xs, _ = make_inputs(1, 50, 4, 2, 16, 8, cfg, seed=3)
+    eager_in = [x.clone().requires_grad_() for x in xs]
+    comp_in = [x.clone().requires_grad_() for x in xs]
+    o_e, i_e = nsa_attention(*eager_in, cfg, return_indices=True)
+    fn = torch.compile(lambda *a: nsa_attention(*a, cfg, return_indices=True), fullgraph=True)
+    o_c, i_c = fn(*comp_in)
+    assert torch.equal(i_e, i_c)
+    assert rel(o_c, o_e) < 1e-5
+    o_e.square().sum().backward()
+    o_c.square().sum().backward()
+    for a, b in zip(comp_in, eager_in):
+        assert rel(a.grad, b.grad) < 1e-5
