@@ -1,0 +1,3 @@
+from .parallelize import parallelize_nsa
+
+__all__ = ["parallelize_nsa"]

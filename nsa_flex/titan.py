@@ -1,0 +1,71 @@
+"""The torchtitan TrainSpec ``nsa`` and its registration.
+
+``register()`` is idempotent; ``nsa_flex/__init__.py`` calls it when torchtitan is already
+imported, so ``[experimental] custom_import = "nsa_flex"`` (or ``--experimental.custom_import
+nsa_flex``) registers the spec inside ``torchrun -m torchtitan.train``. Registration also adds
+the embedded datasets to torchtitan's registry and, on a machine without an accelerator, points
+torchtitan at the CPU (``nsa_flex.cpu``).
+"""
+
+from __future__ import annotations
+
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.components.validate import build_validator
+from torchtitan.config import JobConfig
+from torchtitan.distributed.pipeline_parallel import pipeline_llm
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.protocols import train_spec as train_spec_module
+from torchtitan.protocols.train_spec import TrainSpec
+
+from nsa_flex.data.datasets import register_datasets
+from nsa_flex.data.tokenizer import load_tokenizer
+from nsa_flex.infra.parallelize import parallelize_nsa
+from nsa_flex.model import NSATransformer, nsa_flavors
+
+SPEC_NAME = "nsa"
+
+
+def check_job_config(job_config: JobConfig) -> None:
+    """Stop at start on an unknown flavor or an invalid model configuration.
+
+    torchtitan builds the tokenizer and the data loader before the model; this runs first (from
+    the tokenizer builder) so that a bad configuration fails before any data is prepared.
+    """
+    import copy
+
+    copy.deepcopy(nsa_flavors[job_config.model.flavor]).configure(job_config)
+
+
+def build_nsa_tokenizer(job_config: JobConfig) -> BaseTokenizer:
+    """Tokenizer from ``model.hf_assets_path``: 'embedded', an HF directory, or tiktoken."""
+    check_job_config(job_config)
+    return load_tokenizer(job_config.model.hf_assets_path)
+
+
+def get_train_spec() -> TrainSpec:
+    return TrainSpec(
+        model_cls=NSATransformer,
+        model_args=nsa_flavors,
+        parallelize_fn=parallelize_nsa,
+        pipelining_fn=pipeline_llm,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_text_dataloader,
+        build_tokenizer_fn=build_nsa_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_validator,
+        state_dict_adapter=None,
+    )
+
+
+def register() -> None:
+    """Register the ``nsa`` TrainSpec with torchtitan (idempotent)."""
+    from nsa_flex.cpu import use_cpu_if_no_accelerator
+
+    register_datasets()
+    use_cpu_if_no_accelerator()
+    if SPEC_NAME not in train_spec_module._extra_train_specs:
+        train_spec_module.register_train_spec(SPEC_NAME, get_train_spec())
