@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import torch
 
 
 def causal_mask(group: int = 1):

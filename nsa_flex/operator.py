@@ -80,61 +80,87 @@ def _sel_kv_block(cfg: NSAConfig) -> int:
     return min(128, max(16, lp & -lp))  # the largest power of two dividing l', within [16, 128]
 
 
+def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
+    """Tile classifier (q_block, kv_block) -> (any, all) for a mask known from positions alone."""
+    def tiles(q_block, kv_block):
+        q_lo, q_hi = tile_positions(q_rows, q_block, group, device)
+        k_lo, k_hi = tile_keys(kv_len, kv_block, device)
+        return fn(q_lo, q_hi, k_lo, k_hi)
+    return tiles
+
+
+def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
+    """Eq. 7: attention over the compressed keys whose block lies wholly in the past.
+
+    qp [B, Hkv, T·G, Dk]; k_cmp/v_cmp [B, Tc, Hkv, D]. Returns (o [B, Hkv, T·G, Dv], lse)."""
+    B, H, TG, Dk = qp.shape
+    Tc, Dv = k_cmp.shape[1], v_cmp.shape[-1]
+    if Tc == 0:  # no complete block yet: o_cmp = 0 (pinned)
+        return (qp.new_zeros(B, H, TG, Dv), qp.new_full((B, H, TG), float("-inf"), dtype=torch.float32))
+    tiles = _static_tiles(functools.partial(compressed_tiles, cfg.cmp_block, cfg.cmp_stride),
+                          TG, group, Tc, qp.device)
+    return attend(qp, heads_first(k_cmp), heads_first(v_cmp),
+                  compressed_mask(cfg.cmp_block, cfg.cmp_stride, group), tiles, scale,
+                  use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
+                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK))
+
+
+def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
+    """Eqs. 11–12 applied: attention over the keys of each group's selected blocks (s ≤ t).
+
+    idx [B, Hkv, T, n] from :func:`select_blocks`. Returns o [B, Hkv, T·G, Dv]."""
+    T = k.shape[1]
+    table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
+    kb = _sel_kv_block(cfg)
+    out, _ = attend(qp, heads_first(k), heads_first(v), selected_mask(table, cfg.sel_block, group),
+                    lambda qb, kb_: selected_tiles(table, cfg.sel_block, group, qb, kb_), scale,
+                    use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
+                    kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb))
+    return out
+
+
+def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
+    """The sliding window: the w keys ending at the query. Returns o [B, Hkv, T·G, Dv]."""
+    T = k.shape[1]
+    tiles = _static_tiles(functools.partial(sliding_window_tiles, cfg.window), qp.shape[2], group,
+                          T, qp.device)
+    out, _ = attend(qp, heads_first(k), heads_first(v), sliding_window_mask(cfg.window, group),
+                    tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
+                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], tuning.KV_BLOCK))
+    return out
+
+
 def _nsa(q, k, v, k_cmp, v_cmp, gates, cfg: NSAConfig, k_swa, v_swa, return_indices: bool,
-         use_flex: bool):
-    B, T, Hq, Dk = q.shape
-    Hkv, Dv = k.shape[2], v.shape[3]
-    G, Tc, Ts = Hq // Hkv, k_cmp.shape[1], cfg.num_sel_blocks(T)
+         use_flex: bool, sliding: bool = True):
+    T, Hq, Dk = q.shape[1:]
+    Hkv = k.shape[2]
+    G = Hq // Hkv
     scale = cfg.softmax_scale(Dk)
-    run = functools.partial(attend, scale=scale, use_flex=use_flex, q_block=tuning.Q_BLOCK)
     qp = pack_gqa(q, Hkv)                                            # [B, Hkv, T·G, Dk]
-    dev = q.device
 
-    def static_tiles(fn):
-        def tiles(qb, kb, kv_len):
-            q_lo, q_hi = tile_positions(T * G, qb, G, dev)
-            k_lo, k_hi = tile_keys(kv_len, kb, dev)
-            return fn(q_lo, q_hi, k_lo, k_hi)
-        return tiles
-
-    # Compressed branch (eq. 7): attention over the Tc compressed keys visible to each query.
-    if Tc > 0:
-        tiles = static_tiles(functools.partial(compressed_tiles, cfg.cmp_block, cfg.cmp_stride))
-        o_cmp, lse_cmp = run(qp, heads_first(k_cmp), heads_first(v_cmp),
-                             compressed_mask(cfg.cmp_block, cfg.cmp_stride, G),
-                             lambda qb, kb: tiles(qb, kb, Tc), kv_block=tuning.KV_BLOCK,
-                             kernel_options=tuning.KERNEL_OPTIONS["cmp"])
-    else:   # no complete block yet: o_cmp = 0 (pinned)
-        o_cmp = qp.new_zeros(B, Hkv, T * G, Dv)
-        lse_cmp = qp.new_full((B, Hkv, T * G), float("-inf"), dtype=torch.float32)
-
+    o_cmp, lse_cmp = compressed_branch(qp, k_cmp, v_cmp, cfg, G, scale, use_flex)
     # Selection (eqs. 8–12): scores from p_cmp, top-n per KV-head group; no gradient.
     idx = select_blocks(qp.detach(), heads_first(k_cmp).detach(), lse_cmp.detach(), cfg, scale, G, T)
-    table = selection_table(idx, Ts)                                 # [B, Hkv, T, Ts]
-    kb_sel = _sel_kv_block(cfg)
-    o_slc, _ = run(qp, heads_first(k), heads_first(v), selected_mask(table, cfg.sel_block, G),
-                   lambda qb, kb: selected_tiles(table, cfg.sel_block, G, qb, kb),
-                   kv_block=kb_sel, kernel_options=tuning.KERNEL_OPTIONS["slc"])
+    o_slc = selected_branch(qp, k, v, idx, cfg, G, scale, use_flex)
 
-    # Sliding branch: the w keys ending at the query, with the branch's own keys/values.
-    k_w, v_w = (k, v) if k_swa is None else (k_swa, v_swa)
-    tiles = static_tiles(functools.partial(sliding_window_tiles, cfg.window))
-    o_swa, _ = run(qp, heads_first(k_w), heads_first(v_w), sliding_window_mask(cfg.window, G),
-                   lambda qb, kb: tiles(qb, kb, T), kv_block=tuning.KV_BLOCK,
-                   kernel_options=tuning.KERNEL_OPTIONS["swa"])
-
-    # Gated sum (eq. 5), in float32.
+    # Gated sum (eq. 5), in float32. (`sliding=False` is for benchmarks against NSA kernels
+    # that have no sliding branch.)
     g = gates.float()
-    o = (g[..., 0:1] * unpack_gqa(o_cmp, T).float() + g[..., 1:2] * unpack_gqa(o_slc, T).float()
-         + g[..., 2:3] * unpack_gqa(o_swa, T).float()).to(q.dtype)
+    o = g[..., 0:1] * unpack_gqa(o_cmp, T).float() + g[..., 1:2] * unpack_gqa(o_slc, T).float()
+    if sliding:
+        k_w, v_w = (k, v) if k_swa is None else (k_swa, v_swa)
+        o_swa = sliding_branch(qp, k_w, v_w, cfg, G, scale, use_flex)
+        o = o + g[..., 2:3] * unpack_gqa(o_swa, T).float()
+    o = o.to(q.dtype)
     if return_indices:
         return o, idx.transpose(1, 2)
     return o
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(cfg: NSAConfig, return_indices: bool):
-    fn = functools.partial(_nsa, cfg=cfg, return_indices=return_indices, use_flex=True)
+def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
+    fn = functools.partial(_nsa, cfg=cfg, return_indices=return_indices, use_flex=True,
+                           sliding=sliding)
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 

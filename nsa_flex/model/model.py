@@ -34,7 +34,7 @@ from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
 
 from nsa_flex.compression import Compression
-from nsa_flex.operator import NSAConfig, nsa_attention
+from nsa_flex import NSAConfig, nsa_attention
 
 from .args import NSAModelArgs
 

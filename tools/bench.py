@@ -1,0 +1,222 @@
+"""GPU benchmark of the whole NSA operator against dense attention and fla-core's NSA kernels.
+
+Times forward and forward+backward (median of repeats, CUDA events via triton's do_bench) and
+peak memory, for nsa_flex (the whole operator: scoring, top-n, mask build, three branches,
+gates), SDPA causal with the cuDNN and flash backends, and fla-core's ``parallel_nsa`` when it
+is importable. For nsa_flex it also times each part alone. Prints a table last and writes JSON.
+
+    python tools/bench.py --seq 8192 65536 --dims 128:128 192:128 --configs paper fla \
+        --out tools/results/bench-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from masks import pack_gqa
+from nsa_flex import NSAConfig
+from nsa_flex import operator as op
+from nsa_flex.selection import select_blocks
+from masks import heads_first, selection_table, selected_tiles, selected_mask, block_mask_from_tiles
+
+CONFIGS = {
+    "paper": NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512),
+    # fla-core's own setting: l = d = l' = 64, no sliding window; compression by mean pooling.
+    "fla": NSAConfig(cmp_block=64, cmp_stride=64, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512),
+}
+
+
+def bench_ms(fn, warmup_ms=100, rep_ms=400):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def mean_pool(x, block):
+    B, T, H, D = x.shape
+    tc = T // block
+    return x[:, : tc * block].view(B, tc, block, H, D).mean(2)
+
+
+def make(T, Hq, Hkv, Dk, Dv, cfg, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.bfloat16)
+    Tc = cfg.num_cmp_blocks(T)
+    return dict(q=r(1, T, Hq, Dk), k=r(1, T, Hkv, Dk), v=r(1, T, Hkv, Dv), kc=r(1, Tc, Hkv, Dk),
+                vc=r(1, Tc, Hkv, Dv),
+                gates=torch.rand(1, T, Hq, 3, device="cuda", generator=g, dtype=torch.bfloat16))
+
+
+def fwd_and_fwdbwd(run, leaves, out_grad_like=None):
+    """run() -> output tensor. Returns dict with fwd_ms, fwdbwd_ms, peak_mem_mib."""
+    def fwd():
+        with torch.no_grad():
+            run()
+
+    o = run()
+    do = torch.randn_like(o)
+
+    def fwdbwd():
+        for x in leaves:
+            x.grad = None
+        run().backward(do)
+
+    fwdbwd()
+    return {"fwd_ms": bench_ms(fwd), "fwdbwd_ms": bench_ms(fwdbwd), "peak_mem_mib": peak_mib(fwdbwd)}
+
+
+def ours(x, cfg, sliding, fla_pool):
+    fn = op._compiled(cfg, False, sliding)
+    leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "kc", "vc", "gates")]
+
+    def run():
+        if fla_pool:  # the compressed keys by mean pooling, as fla-core computes them
+            kc, vc = mean_pool(x["k"], cfg.cmp_block), mean_pool(x["v"], cfg.cmp_block)
+        else:
+            kc, vc = x["kc"], x["vc"]
+        return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
+
+    return fwd_and_fwdbwd(run, leaves)
+
+
+def parts(x, cfg):
+    """Each part of the operator alone (compiled alone, so fusion across parts is lost)."""
+    q, k, v, kc, vc = x["q"], x["k"], x["v"], x["kc"], x["vc"]
+    T, Hq, Dk = q.shape[1:]
+    Hkv = k.shape[2]
+    G, scale = Hq // Hkv, cfg.softmax_scale(Dk)
+    qp = pack_gqa(q.detach(), Hkv).requires_grad_()
+    comp = lambda f: torch.compile(f, fullgraph=True, dynamic=False)
+    cmp_fn = comp(lambda qp, kc, vc: op.compressed_branch(qp, kc, vc, cfg, G, scale, True))
+    sel_fn = comp(lambda qp, kc, lse: select_blocks(qp, heads_first(kc), lse, cfg, scale, G, T))
+    out = {}
+    kc_, vc_ = kc.detach().requires_grad_(), vc.detach().requires_grad_()
+    out["compressed"] = fwd_and_fwdbwd(lambda: cmp_fn(qp, kc_, vc_)[0], [qp, kc_, vc_])
+    with torch.no_grad():
+        _, lse = cmp_fn(qp, kc, vc)
+    out["scoring_topn"] = {"fwd_ms": bench_ms(lambda: sel_fn(qp.detach(), kc, lse))}
+    idx = sel_fn(qp.detach(), kc, lse)
+    kb = op._sel_kv_block(cfg)
+
+    def build(idx):
+        table = selection_table(idx, cfg.num_sel_blocks(T))
+        a, al = selected_tiles(table, cfg.sel_block, G, op.tuning.Q_BLOCK, kb)
+        bm = block_mask_from_tiles(a, al, selected_mask(table, cfg.sel_block, G), T * G, T,
+                                   op.tuning.Q_BLOCK, kb, 1, Hkv)
+        return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
+    build_fn = comp(build)
+    out["mask_build"] = {"fwd_ms": bench_ms(lambda: build_fn(idx))}
+    kvn, kvi, qn, qi = build_fn(idx)
+    out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in (kvn, kvi, qn, qi)) * 2 / 2**20
+    out["mask_build"]["mean_kv_tiles_per_q_tile"] = kvn.float().mean().item()
+    k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
+    slc_fn = comp(lambda qp, k, v, idx: op.selected_branch(qp, k, v, idx, cfg, G, scale, True))
+    out["selected"] = fwd_and_fwdbwd(lambda: slc_fn(qp, k_, v_, idx), [qp, k_, v_])
+    swa_fn = comp(lambda qp, k, v: op.sliding_branch(qp, k, v, cfg, G, scale, True))
+    out["sliding"] = fwd_and_fwdbwd(lambda: swa_fn(qp, k_, v_), [qp, k_, v_])
+    return out
+
+
+def sdpa(x, backend):
+    q, k, v = (x[n].detach().transpose(1, 2).requires_grad_() for n in ("q", "k", "v"))
+    G = q.shape[1] // k.shape[1]
+    be = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel(be):
+            kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+
+    return fwd_and_fwdbwd(run, [q, k, v])
+
+
+def fla(x, cfg):
+    from fla.ops.nsa import parallel_nsa
+    q, k, v = (x[n].detach().requires_grad_() for n in ("q", "k", "v"))
+    g = x["gates"].detach()
+    g_cmp, g_slc = g[..., 0].contiguous().requires_grad_(), g[..., 1].contiguous().requires_grad_()
+
+    def run():
+        return parallel_nsa(q, k, v, g_cmp, g_slc, None, block_counts=cfg.sel_topn,
+                            block_size=cfg.sel_block, window_size=0)
+
+    return fwd_and_fwdbwd(run, [q, k, v, g_cmp, g_slc])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--dims", nargs="+", default=["128:128", "192:128"], help="Dk:Dv pairs")
+    ap.add_argument("--configs", nargs="+", default=["paper", "fla"], choices=list(CONFIGS))
+    ap.add_argument("--impls", nargs="+", default=["nsa_flex", "sdpa_cudnn", "sdpa_flash", "fla"])
+    ap.add_argument("--parts", action="store_true", help="also time each part of nsa_flex")
+    ap.add_argument("--hq", type=int, default=64)
+    ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    rows = []
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
+            "B": 1, "Hq": a.hq, "Hkv": a.hkv, "dtype": "bfloat16", "timing": "median, triton do_bench",
+            "date": time.strftime("%Y-%m-%d")}
+
+    def save():
+        json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
+
+    for cname in a.configs:
+        cfg = CONFIGS[cname]
+        for dims in a.dims:
+            Dk, Dv = map(int, dims.split(":"))
+            if cname == "fla" and Dk != Dv:
+                continue
+            for T in a.seq:
+                x = make(T, a.hq, a.hkv, Dk, Dv, cfg)
+                impls = a.impls if cname == "fla" else [i for i in a.impls if i != "fla"]
+                for impl in impls:
+                    if impl.startswith("sdpa") and cname == "fla":
+                        continue  # dense rows are the same in both configurations
+                    row = {"impl": impl, "config": cname, "T": T, "Dk": Dk, "Dv": Dv}
+                    t0 = time.time()
+                    try:
+                        if impl == "nsa_flex":
+                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla"))
+                            if a.parts and cname == "paper":
+                                row["parts"] = parts(x, cfg)
+                        elif impl.startswith("sdpa"):
+                            row.update(sdpa(x, impl))
+                        elif impl == "fla":
+                            row.update(fla(x, cfg))
+                    except Exception as e:  # recorded, not hidden: the row says why it has no time
+                        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                        traceback.print_exc()
+                    row["wall_s"] = round(time.time() - t0, 1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    save()
+                    torch.cuda.empty_cache()
+                del x
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  bf16 B=1 Hq={a.hq} Hkv={a.hkv}")
+    print(f"{'impl':<11}{'config':<7}{'T':>7}{'Dk':>5}{'Dv':>5}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}")
+    for r in rows:
+        f = lambda k: f"{r[k]:.2f}" if k in r else "err"
+        print(f"{r['impl']:<11}{r['config']:<7}{r['T']:>7}{r['Dk']:>5}{r['Dv']:>5}{f('fwd_ms'):>10}"
+              f"{f('fwdbwd_ms'):>12}{f('peak_mem_mib'):>10}")
+
+
+if __name__ == "__main__":
+    main()
