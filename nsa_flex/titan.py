@@ -15,7 +15,6 @@ from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
-from torchtitan.distributed.pipeline_parallel import pipeline_llm
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols import train_spec as train_spec_module
 from torchtitan.protocols.train_spec import TrainSpec
@@ -23,6 +22,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 from nsa_flex.data.datasets import register_datasets
 from nsa_flex.data.tokenizer import load_tokenizer
 from nsa_flex.infra.parallelize import parallelize_nsa
+from nsa_flex.infra.pipeline import pipeline_nsa
 from nsa_flex.model import NSATransformer, nsa_flavors
 
 SPEC_NAME = "nsa"
@@ -50,7 +50,7 @@ def get_train_spec() -> TrainSpec:
         model_cls=NSATransformer,
         model_args=nsa_flavors,
         parallelize_fn=parallelize_nsa,
-        pipelining_fn=pipeline_llm,
+        pipelining_fn=pipeline_nsa,
         build_optimizers_fn=build_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_text_dataloader,

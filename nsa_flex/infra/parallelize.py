@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -40,6 +41,8 @@ from torchtitan.models.llama3.infra.parallelize import (
     apply_fsdp,
 )
 from torchtitan.tools.logging import logger
+
+from nsa_flex.cpu import has_accelerator
 
 NSA_COLWISE = ("gate", "wk_cmp", "wv_cmp", "wk_swa", "wv_swa")
 NSA_REPLICATED = ("compress_k", "compress_v")
@@ -116,6 +119,11 @@ def parallelize_nsa(model: nn.Module, parallel_dims: ParallelDims, job_config: J
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
         )
+        if not has_accelerator():
+            # gloo has no PREMUL_SUM/AVG reductions: reduce with SUM, then scale
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_force_sum_reduction_for_comms(True)
         logger.info("Applied %s to the model", "HSDP" if parallel_dims.dp_replicate_enabled else "FSDP")
     elif parallel_dims.dp_replicate_enabled:
         dp_replicate_mesh = parallel_dims.get_mesh("dp_replicate")

@@ -164,6 +164,13 @@ class NSAModelArgs(BaseModelArgs):
                 errs.append(
                     f"tensor_parallel_degree={tp_degree} must divide both n_heads={self.n_heads} "
                     f"and n_kv_heads={kvh} (TP shards whole KV head groups)")
+        if not errs:
+            from nsa_flex.config import NSAConfig  # the operator's own checks, if it adds any
+
+            try:
+                NSAConfig(**self.nsa_config_kwargs())
+            except (TypeError, ValueError) as e:
+                errs.append(str(e))
         if errs:
             raise NSAConfigError("invalid NSA model configuration:\n  - " + "\n  - ".join(errs))
 
