@@ -148,15 +148,19 @@ def build_corpus(out_dir: Path, files: list[Path], base: Path, progress: bool = 
     return manifest
 
 
-def ensure_stdlib_corpus(root: Path | None = None, progress: bool = True) -> Path:
-    """The cached stdlib corpus directory, gathered first if it is not there yet."""
+def ensure_stdlib_corpus(root: Path | None = None, progress: bool = True,
+                         source: Path | None = None) -> Path:
+    """The cached stdlib corpus directory, gathered first if it is not there yet.
+
+    ``source`` replaces the standard library directory (tests use a small generated tree).
+    """
     out = stdlib_corpus_dir(root)
     if (out / "manifest.json").exists():
         return out
     with build_lock(out):
         if (out / "manifest.json").exists():
             return out
-        base = Path(sysconfig.get_paths()["stdlib"])
+        base = Path(source or sysconfig.get_paths()["stdlib"])
         files = stdlib_sources(base)
         logger.info(f"nsa_flex: building the embedded corpus from {len(files)} standard-library "
                     f"files under {base} into {out} (once; later runs reuse it)")

@@ -65,12 +65,12 @@ def train_bpe_tokenizer(texts, out_dir: Path, vocab_size: int, progress: bool = 
 
 
 def ensure_embedded_tokenizer(root: Path | None = None, vocab_size: int = EMBEDDED_VOCAB,
-                              progress: bool = True) -> Path:
+                              progress: bool = True, source: Path | None = None) -> Path:
     """The cached embedded tokenizer directory, trained first if it is not there yet."""
     out = embedded_tokenizer_dir(root, vocab_size)
     if (out / "tokenizer.json").exists():
         return out
-    corpus = ensure_stdlib_corpus(root, progress=progress)
+    corpus = ensure_stdlib_corpus(root, progress=progress, source=source)
     with build_lock(out):
         if (out / "tokenizer.json").exists():
             return out
