@@ -1,0 +1,99 @@
+"""End to end on CPU: ``python -m nsa_flex.train --job.config_file configs/debug.toml``.
+
+One short run (loss falls, validation runs, checkpoints are written), then a second run that
+resumes from the last checkpoint and continues the curve; plus the launcher's helpers and
+configuration errors through the command line.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchtitan")
+
+from nsa_flex import train as launcher  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STEP = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+)")
+VALIDATE = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+)")
+
+
+def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "nsa_flex.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(log: str, pattern=STEP) -> dict[int, float]:
+    return {int(s): float(v) for s, v in pattern.findall(log)}
+
+
+def test_debug_config_trains_checkpoints_and_resumes(tmp_path):
+    common = ["--job.config_file", "configs/debug.toml", "--job.dump_folder", str(tmp_path),
+              "--metrics.log_freq", "1", "--metrics.disable_color_printing",
+              "--checkpoint.interval", "15", "--validation.freq", "15", "--validation.steps", "2"]
+    first = run_train(*common, "--training.steps", "30")
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    curve = losses(log)
+    assert sorted(curve) == list(range(1, 31)), log[-3000:]
+    start = curve[1]
+    end = sum(curve[s] for s in range(26, 31)) / 5
+    assert start > 8.0  # about ln(8192) from a fresh model
+    assert end < start - 0.5, curve
+    val = losses(log, VALIDATE)
+    assert set(val) == {1, 15, 30} and val[30] < val[15] < val[1] - 0.5, val
+    ckpt = tmp_path / "checkpoint"
+    assert {p.name for p in ckpt.iterdir()} >= {"step-15", "step-30"}
+
+    second = run_train(*common, "--training.steps", "36")
+    log2 = second.stdout + second.stderr
+    assert second.returncode == 0, log2[-4000:]
+    assert "Loading the checkpoint from" in log2 and "step-30" in log2
+    assert "Training starts at step 31" in log2
+    curve2 = losses(log2)
+    assert sorted(curve2) == list(range(31, 37)), log2[-3000:]
+    # the curve continues from where it stopped instead of starting over
+    assert max(curve2.values()) < start - 0.5, curve2
+    assert (ckpt / "step-36").is_dir()
+
+
+def test_bad_configs_stop_at_start_with_a_message(tmp_path):
+    out = run_train("--job.dump_folder", str(tmp_path), "--model.flavor", "huge", timeout=300)
+    assert out.returncode != 0
+    assert "unknown flavor 'huge' for model 'nsa'" in out.stderr + out.stdout
+    out = run_train("--job.dump_folder", str(tmp_path), "--nsa.cmp_stride", "5",
+                    "--training.seq_len", "256", timeout=300)
+    assert out.returncode != 0
+    text = out.stderr + out.stdout
+    assert "cmp_stride d=5 must divide cmp_block l=16" in text
+    assert "Training starts" not in text
+
+
+def test_single_process_env_defaults():
+    env: dict[str, str] = {}
+    launcher.single_process_env(env)
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("0", "0", "1")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and 0 < int(env["MASTER_PORT"]) < 65536
+    # a launcher's environment is kept
+    env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+           "MASTER_PORT": "1234"}
+    launcher.single_process_env(env)
+    assert env["RANK"] == "1" and env["MASTER_PORT"] == "1234"
+    with pytest.raises(RuntimeError, match="partial launcher environment"):
+        launcher.single_process_env({"RANK": "0"})
+
+
+def test_prepare_argv_defaults():
+    argv = launcher.prepare_argv(["--training.steps", "3"])
+    assert argv[argv.index("--job.config_file") + 1] == str(REPO / "configs" / "debug.toml")
+    assert "nsa_flex.job_config" in argv
+    argv = launcher.prepare_argv(["--job.config_file=configs/100m.toml"])
+    assert argv.count("--job.config_file") == 0 and "--job.config_file=configs/100m.toml" in argv
