@@ -105,3 +105,57 @@ def test_compiled_matches_eager_on_cpu():
     o_c.square().sum().backward()
     for a, b in zip(comp_in, eager_in):
         assert rel(a.grad, b.grad) < 1e-5
+
+
+def _inputs_for_errors():
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=8)
+    xs, _ = make_inputs(1, 40, 4, 2, 8, 8, cfg)
+    return xs, cfg
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cmp_block=32, cmp_stride=12), "must divide cmp_block"),
+    (dict(cmp_block=32, cmp_stride=16, sel_block=40), "must divide sel_block"),
+    (dict(cmp_block=64, cmp_stride=16, sel_block=32), "must not exceed sel_block"),
+    (dict(sel_topn=2, n_init=1, n_local=2), "at least n_init \\+ n_local = 3"),
+    (dict(window=0), "window=0"),
+    (dict(scale=-1.0), "scale=-1.0"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NSAConfig(**kwargs)
+
+
+def test_bad_inputs_are_refused_before_compute():
+    xs, cfg = _inputs_for_errors()
+    q, k, v, kc, vc, g = xs
+    cases = [
+        ((torch.randn(1, 40, 3, 8), k, v, kc, vc, torch.rand(1, 40, 3, 3)), ValueError, "Hq=3 must be a multiple of KV heads Hkv=2"),
+        ((q, k, v, kc[:, :-1], vc, g), ValueError, "k_cmp has shape .* = 9 complete compression blocks"),
+        ((q[0], k, v, kc, vc, g), ValueError, "q must have 4 dimensions"),
+        ((q, k.double(), v, kc, vc, g), TypeError, "k has dtype torch.float64 but q has torch.float32"),
+        ((q, k, v, kc, vc, g.int()), TypeError, "gates has dtype torch.int32"),
+        ((q, k, v[:, :39], kc, vc, g), ValueError, "v has shape"),
+        ((q, k, v, kc, vc, g[..., :2]), ValueError, "gates has shape"),
+    ]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            nsa_attention(*args, cfg)
+    with pytest.raises(ValueError, match="both k_swa and v_swa"):
+        nsa_attention(*xs, cfg, k_swa=k)
+    with pytest.raises(TypeError, match="NSAConfig"):
+        nsa_attention(*xs, {"window": 8})
+
+
+def test_ties_go_to_the_lower_block():
+    # every key identical: all compressed scores tie, so the top-n beyond the forced blocks
+    # must be the lowest-numbered candidates
+    cfg = NSAConfig(cmp_block=4, cmp_stride=4, sel_block=4, sel_topn=4, n_init=1, n_local=1, window=2)
+    T = 40
+    q = torch.randn(1, T, 2, 8)
+    k = torch.ones(1, T, 1, 8)
+    kc = torch.ones(1, cfg.num_cmp_blocks(T), 1, 8)
+    v, vc = torch.randn(1, T, 1, 8), torch.randn(1, cfg.num_cmp_blocks(T), 1, 8)
+    _, idx = nsa_attention(q, k, v, kc, vc, torch.rand(1, T, 2, 3), cfg, return_indices=True)
+    t = 39                                           # current block 9; forced {0, 9}
+    assert sorted(idx[0, t, 0].tolist()) == [0, 1, 2, 9]

@@ -1,0 +1,119 @@
+"""Every BlockMask builder against the spec's token-level mask, written plainly here.
+
+For each builder, the pairs FlexAttention attends — read back from the KV-side lists used by
+the forward and from the transposed query-side lists used by the backward, partial tiles through
+the mask_mod, full tiles without it — must equal the spec's dense mask, in the packed-GQA layout
+(row r = position r // G), for odd T, several G and block sizes.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import masks as M
+
+SIZES = [(37, 1, 16, 16), (53, 2, 16, 32), (45, 4, 32, 16), (29, 16, 64, 16), (70, 3, 32, 32)]
+
+
+def spec_rows(T, G):
+    """Position of each packed row."""
+    return torch.arange(T * G) // G
+
+
+def check_block_mask(bm, spec):
+    assert torch.equal(M.computed_mask(bm), spec), "forward (KV-side) lists differ from the spec"
+    assert torch.equal(M.computed_mask(bm, transposed=True), spec), "backward (Q-side) lists differ"
+
+
+def static(any_all, mask_mod, T, G, QB, KB, kv_len):
+    q_lo, q_hi = M.tile_positions(T * G, QB, G)
+    k_lo, k_hi = M.tile_keys(kv_len, KB)
+    a, al = any_all(q_lo, q_hi, k_lo, k_hi)
+    return M.block_mask_from_tiles(a, al, mask_mod, T * G, kv_len, QB, KB, 1, 1)
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("w", [1, 5, 16, 40])
+def test_sliding_window(T, G, QB, KB, w):
+    t = spec_rows(T, G)[:, None]
+    s = torch.arange(T)[None, :]
+    spec = ((s <= t) & (s > t - w))[None, None]
+    bm = static(lambda *b: M.sliding_window_tiles(w, *b), M.sliding_window_mask(w, G), T, G, QB, KB, T)
+    check_block_mask(bm, spec)
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("l,d", [(8, 4), (16, 16), (4, 2)])
+def test_compressed_visibility(T, G, QB, KB, l, d):
+    Tc = max(0, (T - l) // d + 1)
+    spec = torch.tensor([[i * d + l - 1 <= t for i in range(Tc)] for t in spec_rows(T, G).tolist()])
+    spec = spec.reshape(T * G, Tc)[None, None]
+    bm = static(lambda *b: M.compressed_tiles(l, d, *b), M.compressed_mask(l, d, G), T, G, QB, KB, Tc)
+    check_block_mask(bm, spec)
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+def test_causal(T, G, QB, KB):
+    spec = (torch.arange(T)[None, :] <= spec_rows(T, G)[:, None])[None, None]
+    check_block_mask(static(M.causal_tiles, M.causal_mask(G), T, G, QB, KB, T), spec)
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("lp", [8, 16, 24, 64])
+def test_selected_blocks_from_indices(T, G, QB, KB, lp):
+    B, H, n = 2, 2, 3
+    Ts = -(-T // lp)
+    gen = torch.Generator().manual_seed(T * 100 + lp)
+    idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
+    # only blocks a position may select (j·l' ≤ t), as the operator produces
+    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
+    table = M.selection_table(idx, Ts)
+    spec = torch.zeros(B, H, T * G, T, dtype=torch.bool)
+    for b, h, r in itertools.product(range(B), range(H), range(T * G)):
+        t = r // G
+        for j in idx[b, h, t].tolist():
+            if j >= 0:
+                spec[b, h, r, j * lp: min(t + 1, (j + 1) * lp)] = True
+    a, al = M.selected_tiles(table, lp, G, QB, KB)
+    bm = M.block_mask_from_tiles(a, al, M.selected_mask(table, lp, G), T * G, T, QB, KB, B, H)
+    check_block_mask(bm, spec)
+    # the KV list of a query tile is the union of its positions' blocks, nothing more
+    states = M.tile_states(bm)
+    needed = spec.view(B, H, T * G, T)
+    for m in range(states.shape[2]):
+        rows = needed[:, :, m * QB:(m + 1) * QB]
+        for c in range(states.shape[3]):
+            touched = rows[..., c * KB:(c + 1) * KB].any(-1).any(-1)
+            assert torch.equal(states[:, :, m, c] > 0, touched)
+
+
+def test_selection_table_ignores_unused_slots():
+    idx = torch.tensor([[[[2, -1, 0]]]])
+    assert M.selection_table(idx, 4).tolist() == [[[[True, False, True, False]]]]
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES[:3])
+def test_document_composition(T, G, QB, KB):
+    gen = torch.Generator().manual_seed(T)
+    cuts = torch.sort(torch.randint(1, T, (3,), generator=gen)).values
+    doc = (torch.arange(T)[:, None] >= cuts[None, :]).sum(-1)[None]          # [1, T]
+    w = 9
+    t = spec_rows(T, G)
+    spec = ((torch.arange(T)[None, :] <= t[:, None]) & (torch.arange(T)[None, :] > t[:, None] - w)
+            & (doc[0][t][:, None] == doc[0][None, :]))[None, None]
+    q_lo, q_hi = M.tile_positions(T * G, QB, G)
+    k_lo, k_hi = M.tile_keys(T, KB)
+    a1, l1 = M.sliding_window_tiles(w, q_lo, q_hi, k_lo, k_hi)
+    a2, l2 = M.document_tiles(doc, q_lo, q_hi, k_lo, k_hi)
+    mm = M.and_document(M.sliding_window_mask(w, G), doc, G)
+    bm = M.block_mask_from_tiles(a1 & a2, l1 & l2, mm, T * G, T, QB, KB, 1, 1)
+    check_block_mask(bm, spec)
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 7, 8, 5)
+    p = M.pack_gqa(x, 2)
+    assert p.shape == (2, 2, 28, 5)
+    assert torch.equal(p[1, 1, 3 * 4 + 2], x[1, 3, 1 * 4 + 2])   # row t·G + g of KV head k
+    assert torch.equal(M.unpack_gqa(p, 7), x)
