@@ -36,7 +36,7 @@ def check_job_config(job_config: JobConfig) -> None:
     """
     import copy
 
-    copy.deepcopy(nsa_flavors[job_config.model.flavor]).configure(job_config)
+    copy.deepcopy(nsa_flavors[job_config.model.flavor]).configure(job_config, log=False)
 
 
 def build_nsa_tokenizer(job_config: JobConfig) -> BaseTokenizer:

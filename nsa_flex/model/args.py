@@ -195,10 +195,10 @@ class NSAModelArgs(BaseModelArgs):
                 changed.append(name)
         return changed
 
-    def configure(self, job_config: JobConfig) -> None:
+    def configure(self, job_config: JobConfig, log: bool = True) -> None:
         """Apply the ``[nsa]`` section and the sequence lengths; check everything but the vocab."""
         changed = self.apply_overrides(getattr(job_config, "nsa", None))
-        if changed:
+        if changed and log:
             logger.info("NSA options from the [nsa] section: "
                         + ", ".join(f"{n}={getattr(self, n)!r}" for n in changed))
         par = job_config.parallelism
@@ -214,7 +214,7 @@ class NSAModelArgs(BaseModelArgs):
         if job_config.validation.enable:
             self.check_seq_len(job_config.validation.seq_len, "validation.seq_len")
             max_len = max(max_len, job_config.validation.seq_len)
-        if max_len > self.max_seq_len:
+        if max_len > self.max_seq_len and log:
             logger.warning(f"Sequence length {max_len} exceeds the flavor's max_seq_len "
                            f"{self.max_seq_len}; RoPE tables are extended to {max_len}.")
         self.max_seq_len = max_len
