@@ -12,9 +12,13 @@ attends nothing gets out = 0 and lse = −inf.
 from __future__ import annotations
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention import flex_attention as _flex
 
 from masks import block_mask_from_tiles, dense_mask
+
+# return_aux (torch >= 2.11) replaces the deprecated return_lse, whose warning guard would
+# otherwise cost a recompile.
+_HAS_AUX = hasattr(_flex, "AuxRequest")
 
 
 def dense_attention(q, k, v, mask: torch.Tensor, scale: float):
@@ -39,6 +43,9 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         return dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
     any_, all_ = tiles(q_block, kv_block)
     bm = block_mask_from_tiles(any_, all_, mask_mod, Lq, Lk, q_block, kv_block, B, H)
-    out, lse = flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True,
-                              kernel_options=kernel_options)
-    return out, lse
+    if _HAS_AUX:
+        out, aux = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options,
+                                        return_aux=_flex.AuxRequest(lse=True))
+        return out, aux.lse
+    return _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True,
+                                kernel_options=kernel_options)
