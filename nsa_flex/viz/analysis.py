@@ -1,0 +1,382 @@
+"""What each NSA branch attends to, for one layer and one KV head (no drawing here).
+
+Every quantity comes from the operator's own pieces: the compressed-branch log-sum-exp from the
+dense path of ``nsa_flex.backends`` under ``masks.compressed_mask`` (split into row chunks so that
+long sequences fit), the selection from ``nsa_flex.selection.select_blocks``, the selected
+branch's BlockMask from ``masks.selected_tiles`` + ``masks.block_mask_from_tiles`` read back with
+``masks.readback.tile_states``, and the token patterns from the branches' mask_mods. Long
+sequences never produce a dense T x T tensor: masks are evaluated in row chunks and either
+reduced to counts or max-pooled to the picture size on the fly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from masks import (block_mask_from_tiles, compressed_mask, heads_first, pack_gqa, selected_mask,
+                   selected_tiles, selection_table, sliding_window_mask)
+from masks.readback import FULL, PARTIAL, SKIPPED, tile_states
+from nsa_flex import tuning
+from nsa_flex.backends import dense_attention
+from nsa_flex.config import NSAConfig
+from nsa_flex.operator import _sel_kv_block
+from nsa_flex.selection import pool_to_selection_blocks, select_blocks
+
+__all__ = [
+    "SKIPPED", "PARTIAL", "FULL", "BLOCK_CODES", "HeadInputs", "HeadAnalysis", "Pooling",
+    "head_inputs", "compressed_lse", "selection_scores", "analyse_head", "branch_images",
+    "score_images", "tile_images", "pool_max", "pooling_for",
+]
+
+# Per (query, selection block) state in the selection picture; max-pooling keeps the highest.
+BLOCK_CODES = {0: "not a candidate (future block)", 1: "candidate, not selected",
+               2: "forced: local", 3: "forced: initial", 4: "selected by score"}
+
+
+def _elems_budget(device: torch.device) -> int:
+    """Elements of one chunk of mask evaluation (bool/int work, not float scores)."""
+    return 1 << 27 if device.type == "cuda" else 1 << 23
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs of one KV head
+
+
+@dataclass
+class HeadInputs:
+    """One layer's tensors restricted to one KV head, in the operator's packed layout."""
+
+    qp: torch.Tensor       # [1, 1, T*G, Dk] packed queries of the group (RoPE applied)
+    k_cmp: torch.Tensor    # [1, 1, Tc, Dk] compressed keys (heads first)
+    gates: torch.Tensor    # [T, G, 3] float32, order (cmp, slc, swa)
+    cfg: NSAConfig
+    group: int
+    scale: float
+
+    @property
+    def seq_len(self) -> int:
+        return self.qp.shape[2] // self.group
+
+
+def head_inputs(q: torch.Tensor, k_cmp: torch.Tensor, gates: torch.Tensor, cfg: NSAConfig,
+                kv_head: int) -> HeadInputs:
+    """q [1, T, Hq, Dk], k_cmp [1, Tc, Hkv, Dk], gates [1, T, Hq, 3] -> KV head ``kv_head``."""
+    Hq, Hkv = q.shape[2], k_cmp.shape[2]
+    G = Hq // Hkv
+    sl = slice(kv_head * G, (kv_head + 1) * G)
+    return HeadInputs(
+        qp=pack_gqa(q[:, :, sl], 1), k_cmp=heads_first(k_cmp[:, :, kv_head:kv_head + 1]),
+        gates=gates[0, :, sl].float(), cfg=cfg, group=G, scale=cfg.softmax_scale(q.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed branch and selection
+
+
+@torch.no_grad()
+def compressed_lse(qp, k_cmp, cfg: NSAConfig, group: int, scale: float,
+                   max_elems: int | None = None) -> torch.Tensor:
+    """The compressed branch's log-sum-exp [B, H, T*G] (natural log, −inf where no block is
+    visible): ``backends.dense_attention`` under ``masks.compressed_mask``, as the operator's
+    CPU path computes it, evaluated over chunks of query rows (rows are independent)."""
+    B, H, TG, _ = qp.shape
+    Tc = k_cmp.shape[2]
+    if Tc == 0:
+        return qp.new_full((B, H, TG), float("-inf"), dtype=torch.float32)
+    mask_mod = compressed_mask(cfg.cmp_block, cfg.cmp_stride, group)
+    v = qp.new_zeros(B, H, Tc, 1)  # the LSE does not depend on the values
+    kv = torch.arange(Tc, device=qp.device)
+    chunk = max(1, (max_elems or _elems_budget(qp.device)) // (Tc * B * H))
+    out = []
+    for r0 in range(0, TG, chunk):
+        rows = torch.arange(r0, min(TG, r0 + chunk), device=qp.device)
+        mask = mask_mod(0, 0, rows[:, None], kv[None, :])
+        out.append(dense_attention(qp[:, :, r0:r0 + len(rows)], k_cmp, v, mask, scale)[1])
+    return torch.cat(out, dim=-1)
+
+
+@torch.no_grad()
+def selection_scores(qp, k_cmp, lse_cmp, cfg: NSAConfig, scale: float, group: int,
+                     t0: int, t1: int) -> torch.Tensor:
+    """Importance scores p_slc [B, H, t1 − t0, Ts] of positions t0..t1−1 (eqs. 8–10).
+
+    The same formula as ``select_blocks`` (which keeps only the top-n): p_cmp = exp(scale·q·k̃
+    − lse) over the visible compressed blocks, summed over the group's heads, pooled onto the
+    selection blocks with the overlap weights."""
+    B, H, TG, _ = qp.shape
+    T = TG // group
+    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(T)
+    if Tc == 0:
+        return qp.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
+    pos = torch.arange(t0, t1, device=qp.device)
+    i = torch.arange(Tc, device=qp.device)
+    q = qp[:, :, t0 * group:t1 * group]
+    s = torch.matmul(q, k_cmp.transpose(-1, -2)).float() * scale
+    lse = lse_cmp[:, :, t0 * group:t1 * group, None].float()
+    visible = (i * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= pos.repeat_interleave(group)[:, None]
+    p = torch.where(visible, torch.exp(s - lse), 0.0)
+    p = p.view(B, H, t1 - t0, group, Tc).sum(3)
+    return pool_to_selection_blocks(p, cfg, Ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A picture of rows [r0, r1) x cols [c0, c1), each pixel max-pooling fr x fc cells."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    fr: int
+    fc: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return -(-(self.r1 - self.r0) // self.fr), -(-(self.c1 - self.c0) // self.fc)
+
+    @property
+    def pooled(self) -> bool:
+        return self.fr > 1 or self.fc > 1
+
+    def describe(self, rows: str = "queries", cols: str = "keys") -> str:
+        base = f"{rows} {self.r0}–{self.r1 - 1} × {cols} {self.c0}–{self.c1 - 1}"
+        if not self.pooled:
+            return base + ", full resolution"
+        return base + f", max-pooled {self.fr}×{self.fc} per pixel"
+
+
+def pooling_for(r0: int, r1: int, c0: int, c1: int, max_px: int) -> Pooling:
+    """The smallest pooling factors that fit the picture into max_px x max_px."""
+    fr = max(1, math.ceil((r1 - r0) / max_px))
+    fc = max(1, math.ceil((c1 - c0) / max_px))
+    return Pooling(r0, r1, c0, c1, fr, fc)
+
+
+def pool_max(x: torch.Tensor, fr: int, fc: int) -> torch.Tensor:
+    """Max-pool the last two dims of x by (fr, fc) (zero padding; bool means any)."""
+    R, C = x.shape[-2:]
+    pr, pc = (-R) % fr, (-C) % fc
+    y = x.to(torch.int16) if x.dtype == torch.bool else x
+    if pr or pc:
+        y = torch.nn.functional.pad(y, (0, pc, 0, pr))
+    y = y.reshape(*y.shape[:-2], (R + pr) // fr, fr, (C + pc) // fc, fc).amax(dim=(-3, -1))
+    return y.bool() if x.dtype == torch.bool else y
+
+
+def _pool_sum(x: torch.Tensor, fr: int, fc: int) -> torch.Tensor:
+    R, C = x.shape[-2:]
+    pr, pc = (-R) % fr, (-C) % fc
+    y = torch.nn.functional.pad(x, (0, pc, 0, pr)) if pr or pc else x
+    return y.reshape((R + pr) // fr, fr, (C + pc) // fc, fc).sum(dim=(1, 3))
+
+
+def _row_chunks(p: Pooling, width: int, budget: int):
+    """Row chunks [a, b) of p's rows, aligned to its row pooling, of about ``budget`` cells."""
+    step = max(1, budget // max(1, width * p.fr)) * p.fr
+    for a in range(p.r0, p.r1, step):
+        yield a, min(p.r1, a + step)
+
+
+# ---------------------------------------------------------------------------------------------
+# token-level masks of the three branches
+
+
+def _num_visible(cfg: NSAConfig, Tc: int, pos: torch.Tensor) -> torch.Tensor:
+    """Compressed blocks visible to each position [P] (from the compressed mask_mod)."""
+    if Tc == 0:
+        return torch.zeros_like(pos)
+    i = torch.arange(Tc, device=pos.device)
+    return compressed_mask(cfg.cmp_block, cfg.cmp_stride, 1)(0, 0, pos[:, None], i[None, :]).sum(-1)
+
+
+def _branch_masks(table4: torch.Tensor, cfg: NSAConfig, Tc: int, pos: torch.Tensor,
+                  keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token masks [P, K] of positions ``pos`` over ``keys``: the compressed branch's coverage
+    (the tokens its visible blocks summarise), the selected blocks, the sliding window, and
+    causality."""
+    t, s = pos[:, None], keys[None, :]
+    nvis = _num_visible(cfg, Tc, pos)
+    end = torch.where(nvis > 0, (nvis - 1) * cfg.cmp_stride + cfg.cmp_block, 0)
+    return {
+        "cmp": s < end[:, None],
+        "slc": selected_mask(table4, cfg.sel_block, 1)(0, 0, t, s),
+        "swa": sliding_window_mask(cfg.window, 1)(0, 0, t, s),
+        "causal": s <= t,
+    }
+
+
+@torch.no_grad()
+def branch_images(idx: torch.Tensor, cfg: NSAConfig, seq_len: int, pooling: Pooling,
+                  table4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Max-pooled token patterns over ``pooling`` (rows = query positions, cols = keys).
+
+    idx [T, n] selected block numbers (−1 unused) of one KV head. Returns bool [R, C] images
+    "cmp", "slc", "swa", "causal" (a pixel is lit when any (query, key) pair in it is)."""
+    device = idx.device
+    if table4 is None:
+        table4 = selection_table(idx[None, None], cfg.num_sel_blocks(seq_len))
+    Tc = cfg.num_cmp_blocks(seq_len)
+    keys = torch.arange(pooling.c0, pooling.c1, device=device)
+    parts: dict[str, list] = {"cmp": [], "slc": [], "swa": [], "causal": []}
+    for a, b in _row_chunks(pooling, len(keys), _elems_budget(device)):
+        m = _branch_masks(table4, cfg, Tc, torch.arange(a, b, device=device), keys)
+        for name in parts:
+            parts[name].append(pool_max(m[name], pooling.fr, pooling.fc))
+    return {name: torch.cat(v, 0) for name, v in parts.items()}
+
+
+def block_codes(idx: torch.Tensor, cfg: NSAConfig, pos: torch.Tensor, num_sel: int) -> torch.Tensor:
+    """[P, Ts] int8 codes of BLOCK_CODES for positions ``pos`` from their selection idx [P, n]."""
+    j = torch.arange(num_sel, device=idx.device)
+    cur = (pos // cfg.sel_block)[:, None]
+    cand = j <= cur
+    table = selection_table(idx, num_sel)
+    local = cand & (j > cur - cfg.n_local)
+    init = cand & (j < cfg.n_init)
+    code = torch.zeros(idx.shape[0], num_sel, dtype=torch.int8, device=idx.device)
+    code[cand] = 1
+    code[table & local] = 2
+    code[table & init] = 3
+    code[table & ~local & ~init] = 4
+    return code
+
+
+@torch.no_grad()
+def score_images(h: HeadInputs, lse: torch.Tensor, idx: torch.Tensor, pooling: Pooling):
+    """Max-pooled importance scores p_slc and selection codes over ``pooling`` (rows = query
+    positions, cols = selection blocks). Scores are normalised per query by the group size, so
+    that a query's scores over its candidate blocks sum to at most l'/d."""
+    T = h.seq_len
+    Ts = h.cfg.num_sel_blocks(T)
+    Tc = h.k_cmp.shape[2]
+    cols = pooling.c1 - pooling.c0
+    budget = max(1, _elems_budget(h.qp.device) // max(1, Tc * h.group)) * cols
+    scores, codes = [], []
+    for a, b in _row_chunks(pooling, cols, budget):
+        p = selection_scores(h.qp, h.k_cmp, lse, h.cfg, h.scale, h.group, a, b)[0, 0] / h.group
+        scores.append(pool_max(p[:, pooling.c0:pooling.c1], pooling.fr, pooling.fc))
+        c = block_codes(idx[a:b], h.cfg, torch.arange(a, b, device=idx.device), Ts)
+        codes.append(pool_max(c[:, pooling.c0:pooling.c1], pooling.fr, pooling.fc))
+    return torch.cat(scores, 0), torch.cat(codes, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the selected branch's BlockMask: tiles computed, pairs needed
+
+
+@dataclass
+class TileWork:
+    """The selected branch's BlockMask for one KV head (packed-GQA rows x keys)."""
+
+    states: torch.Tensor   # [Mq, Nkv] int8 SKIPPED / PARTIAL / FULL
+    needed: torch.Tensor   # [Mq, Nkv] int64 (row, key) pairs the mask attends in each tile
+    area: torch.Tensor     # [Mq, Nkv] int64 in-bounds pairs of each tile
+    q_block: int
+    kv_block: int
+    group: int
+
+    @property
+    def computed(self) -> torch.Tensor:
+        """Pairs FlexAttention evaluates per tile: the whole tile unless skipped."""
+        return torch.where(self.states != SKIPPED, self.area, 0)
+
+    def totals(self, m0: int = 0, m1: int | None = None) -> dict:
+        st, need, comp = self.states[m0:m1], self.needed[m0:m1], self.computed[m0:m1]
+        full_wrong = ((st == FULL) & (need != self.area[m0:m1])).sum().item()
+        missed = torch.where(st == SKIPPED, need, 0).sum().item()
+        c, n = comp.sum().item(), need.sum().item()
+        return {"tiles_full": int((st == FULL).sum()), "tiles_partial": int((st == PARTIAL).sum()),
+                "tiles_skipped": int((st == SKIPPED).sum()), "pairs_computed": int(c),
+                "pairs_needed": int(n), "wasted_frac": (c - n) / c if c else 0.0,
+                "pairs_missed": int(missed), "full_tiles_not_full": int(full_wrong)}
+
+
+def selected_block_mask(table4: torch.Tensor, cfg: NSAConfig, group: int):
+    """The selected branch's BlockMask, built as ``operator.selected_branch`` builds it."""
+    T = table4.shape[2]
+    kb = _sel_kv_block(cfg)
+    any_, all_ = selected_tiles(table4, cfg.sel_block, group, tuning.Q_BLOCK, kb)
+    return block_mask_from_tiles(any_, all_, selected_mask(table4, cfg.sel_block, group),
+                                 T * group, T, tuning.Q_BLOCK, kb, 1, 1)
+
+
+@dataclass
+class HeadAnalysis:
+    """Everything the pictures and statistics of one (layer, KV head) need."""
+
+    idx: torch.Tensor                  # [T, n] int32 selected blocks, −1 unused
+    lse: torch.Tensor                  # [1, 1, T*G] compressed-branch LSE
+    tiles: TileWork
+    counts: dict[str, torch.Tensor]    # per position [T] int64: keys each branch attends
+    table4: torch.Tensor = field(repr=False)
+
+
+@torch.no_grad()
+def analyse_head(h: HeadInputs) -> HeadAnalysis:
+    """Selection, BlockMask tiles and per-position key counts of one KV head."""
+    cfg, G, T = h.cfg, h.group, h.seq_len
+    device = h.qp.device
+    Tc, Ts = h.k_cmp.shape[2], cfg.num_sel_blocks(T)
+    lse = compressed_lse(h.qp, h.k_cmp, cfg, G, h.scale)
+    idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T)         # [1, 1, T, n]
+    table4 = selection_table(idx4, Ts)                                   # [1, 1, T, Ts]
+    bm = selected_block_mask(table4, cfg, G)
+    states = tile_states(bm)[0, 0]
+    QB, KB = bm.BLOCK_SIZE
+    Mq, Nkv = states.shape
+
+    # per-position key counts of every branch and per-tile needed pairs, in position chunks
+    needed = torch.zeros(Mq, Nkv, dtype=torch.int64, device=device)
+    counts = {k: torch.zeros(T, dtype=torch.int64, device=device)
+              for k in ("causal", "cmp_keys", "cmp_tokens", "slc", "swa", "union")}
+    keys = torch.arange(T, device=device)
+    step = max(1, _elems_budget(device) // T)
+    pad = Nkv * KB - T
+    for a in range(0, T, step):
+        pos = torch.arange(a, min(T, a + step), device=device)
+        m = _branch_masks(table4, cfg, Tc, pos, keys)
+        counts["causal"][pos] = m["causal"].sum(-1)
+        counts["cmp_keys"][pos] = _num_visible(cfg, Tc, pos)
+        counts["cmp_tokens"][pos] = m["cmp"].sum(-1)
+        counts["slc"][pos] = m["slc"].sum(-1)
+        counts["swa"][pos] = m["swa"].sum(-1)
+        counts["union"][pos] = (m["slc"] | m["swa"]).sum(-1)
+        per_tile = torch.nn.functional.pad(m["slc"], (0, pad)).view(len(pos), Nkv, KB).sum(-1)
+        for g in range(G):  # packed row t*G + g lies in query tile (t*G + g) // QB
+            needed.index_add_(0, (pos * G + g) // QB, per_tile)
+    rows = torch.clamp(torch.arange(1, Mq + 1, device=device) * QB, max=T * G) - torch.arange(Mq, device=device) * QB
+    cols = torch.clamp(torch.arange(1, Nkv + 1, device=device) * KB, max=T) - torch.arange(Nkv, device=device) * KB
+    tiles = TileWork(states=states, needed=needed, area=rows[:, None] * cols[None, :],
+                     q_block=QB, kv_block=KB, group=G)
+    return HeadAnalysis(idx=idx4[0, 0], lse=lse, tiles=tiles, counts=counts, table4=table4)
+
+
+@torch.no_grad()
+def tile_images(tw: TileWork, m0: int, m1: int, max_px: int):
+    """Pooled tile states (max: FULL > PARTIAL > SKIPPED) and wasted fraction of the computed
+    pairs (NaN where nothing is computed) for query tiles m0..m1−1 and all KV tiles."""
+    p = pooling_for(m0, m1, 0, tw.states.shape[1], max_px)
+    st = pool_max(tw.states[m0:m1].to(torch.int16), p.fr, p.fc).to(torch.int8)
+    comp = _pool_sum(tw.computed[m0:m1].double(), p.fr, p.fc)
+    need = _pool_sum(torch.where(tw.states[m0:m1] != SKIPPED, tw.needed[m0:m1], 0).double(), p.fr, p.fc)
+    waste = torch.where(comp > 0, (comp - need) / comp.clamp_min(1), float("nan"))
+    return p, st, waste
+
+
+def sparsity(counts: dict[str, torch.Tensor], t0: int = 0, t1: int | None = None) -> dict:
+    """Fractions of the causal (query, key) pairs of positions t0..t1−1 each branch attends.
+
+    cmp_keys counts compressed keys (one per block), cmp_tokens the tokens those blocks
+    summarise; union is the tokens read at full resolution by the selected or sliding branch."""
+    c = {k: v[t0:t1].sum().item() for k, v in counts.items()}
+    causal = max(1, c["causal"])
+    return {"frac_cmp_keys": c["cmp_keys"] / causal, "frac_cmp_tokens": c["cmp_tokens"] / causal,
+            "frac_slc": c["slc"] / causal, "frac_swa": c["swa"] / causal,
+            "frac_union": c["union"] / causal, "causal_pairs": int(c["causal"])}
