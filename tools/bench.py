@@ -79,7 +79,7 @@ def fwd_and_fwdbwd(run, leaves, out_grad_like=None):
     return {"fwd_ms": bench_ms(fwd), "fwdbwd_ms": bench_ms(fwdbwd), "peak_mem_mib": peak_mib(fwdbwd)}
 
 
-def ours(x, cfg, sliding, fla_pool):
+def ours(x, cfg, sliding, fla_pool, profile=False):
     fn = op._compiled(cfg, False, sliding)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "kc", "vc", "gates")]
 
@@ -91,6 +91,41 @@ def ours(x, cfg, sliding, fla_pool):
         return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
 
     return fwd_and_fwdbwd(run, leaves)
+
+
+KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
+    ("flex backward", ("flex_attention_backward",)),
+    ("flex forward", ("flex_attention",)),
+    ("top-n / sort", ("topk", "sort", "radix", "bitonic")),
+    ("matmul (scoring, gates)", ("gemm", "nvjet", "xmma", "cutlass", "_mm_", "bmm", "matmul")),
+]
+
+
+def kernel_breakdown(run, iters=3, activity="cuda"):
+    """Device time per kernel group of one fwd+bwd of ``run`` (one compile: the profiler reads
+    the kernels of the whole compiled operator, no per-part compiles)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CUDA] if activity == "cuda" else [ProfilerActivity.CPU]
+    o = run()
+    do = torch.randn_like(o)
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            run().backward(do)
+        if activity == "cuda":
+            torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if activity == "cuda" and e.device_type.name != "CUDA":
+            continue
+        us = e.device_time if activity == "cuda" else e.self_cpu_time_total
+        name = e.name
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other (scoring, masks, gates)")
+        groups[group] = groups.get(group, 0.0) + us / 1e3 / iters
+        kernels[name] = kernels.get(name, 0.0) + us / 1e3 / iters
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"ms_per_fwdbwd": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 
 def parts(x, cfg):
@@ -163,7 +198,10 @@ def main():
     ap.add_argument("--dims", nargs="+", default=["128:128", "192:128"], help="Dk:Dv pairs")
     ap.add_argument("--configs", nargs="+", default=["paper", "fla"], choices=list(CONFIGS))
     ap.add_argument("--impls", nargs="+", default=["nsa_flex", "sdpa_cudnn", "sdpa_flash", "fla"])
-    ap.add_argument("--parts", action="store_true", help="also time each part of nsa_flex")
+    ap.add_argument("--parts", action="store_true",
+                    help="also time each part of nsa_flex alone (compiles each part: slow)")
+    ap.add_argument("--profile", action="store_true",
+                    help="device time of nsa_flex per kernel group, from the profiler (no extra compile)")
     ap.add_argument("--hq", type=int, default=64)
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--out", required=True)
@@ -193,7 +231,7 @@ def main():
                     t0 = time.time()
                     try:
                         if impl == "nsa_flex":
-                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla"))
+                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla", profile=a.profile))
                             if a.parts and cname == "paper":
                                 row["parts"] = parts(x, cfg)
                         elif impl.startswith("sdpa"):
