@@ -263,7 +263,7 @@ def run(argv: list[str] | None = None) -> dict:
             xs = q_lo + np.arange(g.shape[0]) * fg + (fg - 1) / 2
             tasks.append(("render_gates", dict(
                 path=str(out / files["gates"]), gates=_np(g), x=xs, title=title, note=note_g,
-                needle=seq.needle)))
+                needle=seq.needle, first_head=h * G)))
             figs.append(dict(layer=li, kv_head=h, q_heads=f"{h * G}–{h * G + G - 1}", files=files,
                              notes={"branches": note_b, "tiles": note_t, "scores": note_s,
                                     "gates": note_g}))

@@ -241,7 +241,8 @@ def render_scores(path, scores: np.ndarray, codes: np.ndarray, pooling: dict, ti
     return lay.save(path)
 
 
-def render_gates(path, gates: np.ndarray, x: np.ndarray, title: str, note: str, needle=None) -> None:
+def render_gates(path, gates: np.ndarray, x: np.ndarray, title: str, note: str, needle=None,
+                 first_head: int = 0) -> None:
     """Gate values per branch over positions: gates [P, G, 3], one thin line per query head of
     the group and their mean."""
     fig = Figure(figsize=(11, 7), dpi=DPI)
@@ -254,7 +255,7 @@ def render_gates(path, gates: np.ndarray, x: np.ndarray, title: str, note: str, 
     for b, (ax, name) in enumerate(zip(axes, ("compressed", "selected", "sliding"))):
         for g in range(G):
             ax.plot(x, gates[:, g, b], lw=0.7, alpha=0.75, color=cmap(g if G <= 10 else g / (G - 1)),
-                    label=f"query head {g} of the group" if G <= 8 else None)
+                    label=f"query head {first_head + g}" if G <= 8 else None)
         ax.plot(x, gates[:, :, b].mean(1), lw=1.0, color="black", alpha=0.8, label="mean")
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(f"g_{('cmp', 'slc', 'swa')[b]}", fontsize=FONT)

@@ -136,26 +136,34 @@ def load_checkpoint(model: torch.nn.Module, ckpt: Path, prefix: str, shapes: dic
     import torch.distributed.checkpoint as dcp
 
     sd = model.state_dict()
-    missing = [k for k in sd if k not in shapes]
-    if missing:
-        hint = ""
-        if any(".wk_cmp." in k or ".wk_swa." in k for k in missing):
-            hint = " (the checkpoint looks like kv_mode='shared': pass --nsa kv_mode=shared)"
-        raise VizError(f"checkpoint {ckpt} lacks {len(missing)} weights of this model, e.g. "
-                       f"{missing[:3]}{hint}; pass the --flavor / --config it was trained with")
-    extra = [k for k in shapes if k not in sd]
-    if extra:
-        hint = ""
-        if any(".wk_cmp." in k or ".wk_swa." in k for k in extra):
-            hint = " (it looks like kv_mode='separate': drop --nsa kv_mode=shared)"
-        raise VizError(f"checkpoint {ckpt} holds {len(extra)} weights this model lacks, e.g. "
-                       f"{extra[:3]}{hint}; pass the --flavor / --config it was trained with")
-    wrong = [(k, tuple(shapes[k]), tuple(v.shape)) for k, v in sd.items() if tuple(shapes[k]) != tuple(v.shape)]
+    advice = "; pass the --flavor / --config (and --nsa overrides) it was trained with"
+
+    def n_layers(keys):
+        ids = {int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.", k))}
+        return max(ids) + 1 if ids else 0
+
+    if n_layers(shapes) != n_layers(sd):
+        raise VizError(f"checkpoint {ckpt} has {n_layers(shapes)} layers but this model has "
+                       f"{n_layers(sd)}{advice}")
+    wrong = [(k, tuple(shapes[k]), tuple(v.shape)) for k, v in sd.items()
+             if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
     if wrong:
         k, a, b = wrong[0]
         raise VizError(f"checkpoint {ckpt} does not fit this model: {k} is {a} in the checkpoint "
-                       f"but {b} in the model ({len(wrong)} such weights); pass the --flavor / "
-                       f"--config (and --nsa overrides) it was trained with")
+                       f"but {b} in the model ({len(wrong)} such weights){advice}")
+    branch = (".wk_cmp.", ".wv_cmp.", ".wk_swa.", ".wv_swa.")
+    missing = [k for k in sd if k not in shapes]
+    if missing:
+        hint = (" (the checkpoint looks like kv_mode='shared': pass --nsa kv_mode=shared)"
+                if all(any(b in k for b in branch) for k in missing) else "")
+        raise VizError(f"checkpoint {ckpt} lacks {len(missing)} weights of this model, e.g. "
+                       f"{missing[:3]}{hint}{advice}")
+    extra = [k for k in shapes if k not in sd]
+    if extra:
+        hint = (" (it looks like kv_mode='separate': drop --nsa kv_mode=shared)"
+                if all(any(b in k for b in branch) for k in extra) else "")
+        raise VizError(f"checkpoint {ckpt} holds {len(extra)} weights this model lacks, e.g. "
+                       f"{extra[:3]}{hint}{advice}")
     state = {prefix + k: v for k, v in sd.items()} if not prefix else {prefix[:-1]: sd}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*single process.*")
