@@ -164,6 +164,10 @@ def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
+if torch.cuda.is_available():
+    tuning.install_flex_backward_configs()
+
+
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v_swa=None,
                   return_indices: bool = False):
     """NSA attention.
