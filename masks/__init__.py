@@ -13,5 +13,6 @@ __all__ = [
     "and_document", "block_mask_from_tiles", "causal_mask", "causal_tiles", "compressed_mask",
     "compressed_tiles", "computed_mask", "dense_mask", "document_mask", "document_tiles",
     "heads_first", "pack_gqa", "selected_mask", "selected_tiles", "selection_table",
-    "sliding_window_mask", "sliding_window_tiles", "tile_keys", "tile_positions", "unpack_gqa",
+    "sliding_window_mask", "sliding_window_tiles", "tile_keys", "tile_positions", "tile_states",
+    "unpack_gqa",
 ]

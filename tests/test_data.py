@@ -11,7 +11,7 @@ pytest.importorskip("torchtitan")
 
 from nsa_flex.data import corpus as corpus_mod  # noqa: E402
 from nsa_flex.data.corpus import (  # noqa: E402
-    VALIDATION_EVERY, build_corpus, docstrings, ensure_stdlib_corpus, iter_texts, stdlib_sources)
+    VALIDATION_EVERY, build_corpus, docstrings, iter_texts, stdlib_sources)
 from nsa_flex.data.tokenizer import (  # noqa: E402
     BOS, EOS, TiktokenTokenizer, ensure_embedded_tokenizer, load_tokenizer,
     resolve_tokenizer_path, train_bpe_tokenizer)
