@@ -35,14 +35,19 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float):
 
 
 def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: int,
-           kv_block: int, kernel_options=None):
-    """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification."""
+           kv_block: int, kernel_options=None, need_lse: bool = False):
+    """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification.
+
+    Returns (out, lse); lse is None unless ``need_lse`` (compiled CPU flex cannot return it)."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if not use_flex:
-        return dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
+        out, lse = dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
+        return out, (lse if need_lse else None)
     any_, all_ = tiles(q_block, kv_block)
     bm = block_mask_from_tiles(any_, all_, mask_mod, Lq, Lk, q_block, kv_block, B, H)
+    if not need_lse:
+        return _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options), None
     if _HAS_AUX:
         out, aux = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options,
                                         return_aux=_flex.AuxRequest(lse=True))

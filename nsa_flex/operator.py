@@ -74,10 +74,12 @@ def _check_inputs(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa, v_swa):
 
 
 def _sel_kv_block(cfg: NSAConfig) -> int:
+    """The selected branch's KV tile: tuning.SEL_KV_BLOCK, else the largest of 128, 64, 32, 16
+    dividing l' (16 if none does). Plain arithmetic: under automatic dynamic shapes l' may be a
+    SymInt, and a bitwise trick on it lowers to a float index in Inductor."""
     if tuning.SEL_KV_BLOCK is not None:
         return tuning.SEL_KV_BLOCK
-    lp = cfg.sel_block
-    return min(128, max(16, lp & -lp))  # the largest power of two dividing l', within [16, 128]
+    return next((kb for kb in (128, 64, 32, 16) if cfg.sel_block % kb == 0), 16)
 
 
 def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
@@ -102,7 +104,8 @@ def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float
     return attend(qp, heads_first(k_cmp), heads_first(v_cmp),
                   compressed_mask(cfg.cmp_block, cfg.cmp_stride, group), tiles, scale,
                   use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK))
+                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK),
+                  need_lse=True)
 
 
 def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
