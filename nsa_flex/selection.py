@@ -59,30 +59,39 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
 
 
 @torch.no_grad()
-def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
-                  cfg: NSAConfig, scale: float, group: int, seq_len: int) -> torch.Tensor:
-    """Scores and top-n for every position: returns [B, Hkv, T, n] int32 block numbers.
+def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
+                     cfg: NSAConfig, scale: float, group: int, t0: int, t1: int) -> torch.Tensor:
+    """Importance scores p_slc [B, Hkv, t1 − t0, Ts] of positions t0 … t1−1 (eqs. 8–10).
 
     q_packed [B, Hkv, T·G, Dk]; k_cmp [B, Hkv, Tc, Dk]; lse_cmp [B, Hkv, T·G] the compressed
     branch's log-sum-exp (natural log), so p_cmp = exp(scale·q·k − lse) (eq. 8).
     """
-    B, H, _, _ = q_packed.shape
-    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(seq_len)
-    chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
+    B, H, TG, _ = q_packed.shape
+    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(TG // group)
+    if Tc == 0:
+        return q_packed.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
+    pos = torch.arange(t0, t1, device=q_packed.device)
     i = torch.arange(Tc, device=q_packed.device)
+    q = q_packed[:, :, t0 * group:t1 * group]
+    s = torch.matmul(q, k_cmp.transpose(-1, -2)).float() * scale
+    lse = lse_cmp[:, :, t0 * group:t1 * group, None].float()
+    visible = (i * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= pos.repeat_interleave(group)[:, None]
+    p = torch.where(visible, torch.exp(s - lse), 0.0)             # eq. 8, per query head
+    p = p.view(B, H, t1 - t0, group, Tc).sum(3)                 # eq. 10, sum over the group
+    return pool_to_selection_blocks(p, cfg, Ts)                 # eq. 9
+
+
+@torch.no_grad()
+def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
+                  cfg: NSAConfig, scale: float, group: int, seq_len: int) -> torch.Tensor:
+    """Scores and top-n for every position, chunk by chunk: returns [B, Hkv, T, n] int32 block
+    numbers. Arguments as in :func:`selection_scores`."""
+    B, H, _, _ = q_packed.shape
+    Tc = k_cmp.shape[2]
+    chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        pos = torch.arange(t0, t1, device=q_packed.device)
-        if Tc == 0:
-            p_slc = q_packed.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
-        else:
-            q = q_packed[:, :, t0 * group:t1 * group]
-            s = torch.matmul(q, k_cmp.transpose(-1, -2)).float() * scale
-            lse = lse_cmp[:, :, t0 * group:t1 * group, None].float()
-            visible = (i * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= pos.repeat_interleave(group)[:, None]
-            p = torch.where(visible, torch.exp(s - lse), 0.0)             # eq. 8, per query head
-            p = p.view(B, H, t1 - t0, group, Tc).sum(3)                 # eq. 10, sum over the group
-            p_slc = pool_to_selection_blocks(p, cfg, Ts)                # eq. 9
-        out.append(top_n(p_slc, pos, cfg))
+        p_slc = selection_scores(q_packed, k_cmp, lse_cmp, cfg, scale, group, t0, t1)
+        out.append(top_n(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

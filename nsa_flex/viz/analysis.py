@@ -23,7 +23,7 @@ from nsa_flex import tuning
 from nsa_flex.backends import dense_attention
 from nsa_flex.config import NSAConfig
 from nsa_flex.operator import _sel_kv_block
-from nsa_flex.selection import pool_to_selection_blocks, select_blocks
+from nsa_flex.selection import select_blocks, selection_scores
 
 __all__ = [
     "SKIPPED", "PARTIAL", "FULL", "BLOCK_CODES", "HeadInputs", "HeadAnalysis", "Pooling",
@@ -99,29 +99,6 @@ def compressed_lse(qp, k_cmp, cfg: NSAConfig, group: int, scale: float,
 
 
 @torch.no_grad()
-def selection_scores(qp, k_cmp, lse_cmp, cfg: NSAConfig, scale: float, group: int,
-                     t0: int, t1: int) -> torch.Tensor:
-    """Importance scores p_slc [B, H, t1 − t0, Ts] of positions t0..t1−1 (eqs. 8–10).
-
-    The same formula as ``select_blocks`` (which keeps only the top-n): p_cmp = exp(scale·q·k̃
-    − lse) over the visible compressed blocks, summed over the group's heads, pooled onto the
-    selection blocks with the overlap weights."""
-    B, H, TG, _ = qp.shape
-    T = TG // group
-    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(T)
-    if Tc == 0:
-        return qp.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
-    pos = torch.arange(t0, t1, device=qp.device)
-    i = torch.arange(Tc, device=qp.device)
-    q = qp[:, :, t0 * group:t1 * group]
-    s = torch.matmul(q, k_cmp.transpose(-1, -2)).float() * scale
-    lse = lse_cmp[:, :, t0 * group:t1 * group, None].float()
-    visible = (i * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= pos.repeat_interleave(group)[:, None]
-    p = torch.where(visible, torch.exp(s - lse), 0.0)
-    p = p.view(B, H, t1 - t0, group, Tc).sum(3)
-    return pool_to_selection_blocks(p, cfg, Ts)
-
-
 # ---------------------------------------------------------------------------------------------
 # pooling
 
