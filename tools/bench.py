@@ -90,12 +90,16 @@ def ours(x, cfg, sliding, fla_pool, profile=False):
             kc, vc = x["kc"], x["vc"]
         return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
 
-    return fwd_and_fwdbwd(run, leaves)
+    row = fwd_and_fwdbwd(run, leaves)
+    if profile:
+        row["profile"] = kernel_breakdown(run)
+    return row
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
     ("flex backward", ("flex_attention_backward",)),
     ("flex forward", ("flex_attention",)),
+    ("inductor templates (flex)", ("triton_tem",)),
     ("top-n / sort", ("topk", "sort", "radix", "bitonic")),
     ("matmul (scoring, gates)", ("gemm", "nvjet", "xmma", "cutlass", "_mm_", "bmm", "matmul")),
 ]
@@ -123,7 +127,7 @@ def kernel_breakdown(run, iters=3, activity="cuda"):
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other (scoring, masks, gates)")
         groups[group] = groups.get(group, 0.0) + us / 1e3 / iters
         kernels[name] = kernels.get(name, 0.0) + us / 1e3 / iters
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return {"ms_per_fwdbwd": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
