@@ -62,10 +62,14 @@ def get_train_spec() -> TrainSpec:
 
 
 def register() -> None:
-    """Register the ``nsa`` TrainSpec with torchtitan (idempotent)."""
+    """Register the ``nsa`` TrainSpec, and the dense baseline ``llama3_dense`` (idempotent)."""
     from nsa_flex.cpu import use_cpu_if_no_accelerator
 
     register_datasets()
     use_cpu_if_no_accelerator()
     if SPEC_NAME not in train_spec_module._extra_train_specs:
         train_spec_module.register_train_spec(SPEC_NAME, get_train_spec())
+    from nsa_flex import baseline
+
+    if baseline.SPEC_NAME not in train_spec_module._extra_train_specs:
+        train_spec_module.register_train_spec(baseline.SPEC_NAME, baseline.get_train_spec())
