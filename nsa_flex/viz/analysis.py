@@ -98,7 +98,6 @@ def compressed_lse(qp, k_cmp, cfg: NSAConfig, group: int, scale: float,
     return torch.cat(out, dim=-1)
 
 
-@torch.no_grad()
 # ---------------------------------------------------------------------------------------------
 # pooling
 

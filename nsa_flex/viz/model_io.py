@@ -204,24 +204,33 @@ QUESTION = "\n\nWhat is the secret passkey? The secret passkey is"
 
 
 def _corpus_tokens(tok, n: int, skip: int = 0) -> tuple[list[int], str]:
+    """n tokens of the embedded corpus from validation document ``skip`` on; where the
+    validation split runs out (about 50k tokens) the text continues with the train split."""
     from nsa_flex.data.corpus import ensure_stdlib_corpus, iter_texts
 
+    corpus = ensure_stdlib_corpus()
     ids: list[int] = []
-    first = last = None
-    for i, text in enumerate(iter_texts(ensure_stdlib_corpus(), "validation")):
-        if i < skip:
-            continue
-        first = i if first is None else first
-        last = i
-        ids.extend(tok.encode(text))
-        if tok.eos_id is not None:
-            ids.append(tok.eos_id)
+    used: list[str] = []
+    for split in ("validation", "train"):
+        first = last = None
+        for i, text in enumerate(iter_texts(corpus, split)):
+            if split == "validation" and i < skip:
+                continue
+            first = i if first is None else first
+            last = i
+            ids.extend(tok.encode(text))
+            if tok.eos_id is not None:
+                ids.append(tok.eos_id)
+            if len(ids) >= n:
+                break
+        if first is not None:
+            used.append(f"{split} documents {first}–{last}")
         if len(ids) >= n:
             break
     if len(ids) < n:
-        raise VizError(f"the embedded corpus's validation split holds only {len(ids)} tokens after "
+        raise VizError(f"the embedded corpus holds only {len(ids)} tokens after validation "
                        f"document {skip}; use a smaller --seq-len or a text file")
-    return ids[:n], f"embedded corpus (stdlib, validation split), documents {first}–{last}"
+    return ids[:n], "embedded corpus (stdlib), " + ", then ".join(used)
 
 
 def make_input(spec: str, tok, seq_len: int, needle_depth: float = 0.25, seed: int = 0) -> InputSeq:
