@@ -34,9 +34,42 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float):
     return out.to(q.dtype), lse
 
 
+def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """[B, H, S·L, ...] -> [B·S, H, L, ...]: consecutive query rows become batch entries."""
+    B, H, Lq = x.shape[:3]
+    rest = x.shape[3:]
+    return x.reshape(B, H, splits, Lq // splits, *rest).transpose(1, 2).reshape(B * splits, H, Lq // splits, *rest)
+
+
+def merge_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """Inverse of :func:`split_rows`."""
+    BS, H, L = x.shape[:3]
+    rest = x.shape[3:]
+    return x.reshape(BS // splits, splits, H, L, *rest).transpose(1, 2).reshape(BS // splits, H, splits * L, *rest)
+
+
+def split_mask_mod(mask_mod, splits: int, rows: int):
+    """The mask_mod of chunk b % S of batch b // S, whose query rows start at (b % S)·rows."""
+    def query_chunk(b, h, q_idx, kv_idx):
+        return mask_mod(b // splits, h, q_idx + (b % splits) * rows, kv_idx)
+
+    return query_chunk
+
+
+def effective_splits(requested: int, q_len: int, q_block: int) -> int:
+    """The largest S <= requested with q_len a multiple of S·q_block (1 if none)."""
+    return next((s for s in range(max(1, requested), 0, -1) if q_len % (s * q_block) == 0), 1)
+
+
 def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: int,
-           kv_block: int, kernel_options=None, need_lse: bool = False):
+           kv_block: int, kernel_options=None, need_lse: bool = False, q_splits: int = 1):
     """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification.
+
+    ``q_splits`` (flex only) runs consecutive chunks of query rows as separate batch entries,
+    each with its own copy of k/v: FlexAttention's backward computes dK/dV with one program per
+    (batch, head, KV tile) looping over the query tiles that use it, so a KV tile used by every
+    query (the first compressed keys, the forced initial block) becomes S shorter loops in
+    parallel; autograd sums the copies' gradients. Results are the same up to rounding.
 
     Returns (out, lse); lse is None unless ``need_lse`` (compiled CPU flex cannot return it)."""
     B, H, Lq, _ = q.shape
@@ -45,12 +78,22 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         out, lse = dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
         return out, (lse if need_lse else None)
     any_, all_ = tiles(q_block, kv_block)
-    bm = block_mask_from_tiles(any_, all_, mask_mod, Lq, Lk, q_block, kv_block, B, H)
+    S = effective_splits(q_splits, Lq, q_block)
+    if S > 1:
+        Mq, Nkv = any_.shape[-2:]
+        any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))
+        mask_mod = split_mask_mod(mask_mod, S, Lq // S)
+        q = split_rows(q, S)
+        k, v = (t[:, None].expand(B, S, *t.shape[1:]).reshape(B * S, *t.shape[1:]) for t in (k, v))
+    bm = block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, H)
     if not need_lse:
-        return _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options), None
+        out = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
+        return (merge_rows(out, S) if S > 1 else out), None
     if _HAS_AUX:
         out, aux = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options,
                                         return_aux=_flex.AuxRequest(lse=True))
-        return out, aux.lse
-    return _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True,
-                                kernel_options=kernel_options)
+        lse = aux.lse
+    else:
+        out, lse = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True,
+                                        kernel_options=kernel_options)
+    return (merge_rows(out, S), merge_rows(lse, S)) if S > 1 else (out, lse)

@@ -105,7 +105,7 @@ def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float
                   compressed_mask(cfg.cmp_block, cfg.cmp_stride, group), tiles, scale,
                   use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
                   kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK),
-                  need_lse=True)
+                  need_lse=True, q_splits=tuning.Q_SPLITS.get("cmp", 1))
 
 
 def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
@@ -114,11 +114,12 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     idx [B, Hkv, T, n] from :func:`select_blocks`. Returns o [B, Hkv, T·G, Dv]."""
     T = k.shape[1]
     table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
-    kb = _sel_kv_block(cfg)
+    kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
     out, _ = attend(qp, heads_first(k), heads_first(v), selected_mask(table, cfg.sel_block, group),
-                    lambda qb, kb_: selected_tiles(table, cfg.sel_block, group, qb, kb_), scale,
-                    use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
-                    kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb))
+                    lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
+                    use_flex=use_flex, q_block=qb, kv_block=kb,
+                    kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb),
+                    q_splits=tuning.Q_SPLITS.get("slc", 1))
     return out
 
 
@@ -129,7 +130,8 @@ def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex:
                           T, qp.device)
     out, _ = attend(qp, heads_first(k), heads_first(v), sliding_window_mask(cfg.window, group),
                     tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], tuning.KV_BLOCK))
+                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], tuning.KV_BLOCK),
+                    q_splits=tuning.Q_SPLITS.get("swa", 1))
     return out
 
 

@@ -10,6 +10,13 @@ Q_BLOCK = 128
 KV_BLOCK = 128
 # KV tile of the selected branch; None = the largest power of two dividing l', within [16, 128].
 SEL_KV_BLOCK = None
+# Query tile of the selected branch; None = Q_BLOCK. A tile of G rows (one position) needs only
+# that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
+# also adds a small backward candidate (see install_flex_backward_configs).
+SEL_Q_BLOCK: int | None = None
+# Query splits per branch (backends.attend): consecutive query rows run as separate batch
+# entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
+Q_SPLITS: dict[str, int] = {"cmp": 1, "slc": 1, "swa": 1}
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # Extra FlexAttention kernel options per branch ("cmp", "slc", "swa"), merged over the defaults
@@ -18,7 +25,8 @@ SCORE_CHUNK_ELEMS = 1 << 28
 KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}}
 
 
-def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int) -> dict:
+def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
+                   q_block: int = Q_BLOCK) -> dict:
     """FlexAttention kernel options for one branch call.
 
     - float32: Inductor's sm90 default forward tile for head dims it has no entry for (64x64,
@@ -31,6 +39,8 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int) 
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
     elif kv_block < 128:
         opts.update(fwd_BLOCK_N=min(64, kv_block))
+    if q_block < 64:  # a small query tile: the kernel's row block must divide it
+        opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", q_block), q_block)
     opts.update(KERNEL_OPTIONS.get(branch, {}))
     return opts or None
 
@@ -41,6 +51,12 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int) 
 # candidate lets the selected branch use l' = 64 tiles; where several candidates fit, Inductor
 # benchmarks them once at compile time.
 EXTRA_BWD_CONFIG = (64, 64, 64, 64)  # BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2
+# Offered too while SEL_Q_BLOCK < 64 (a query tile of 16 rows, one position at G = 16).
+SMALL_Q_BWD_CONFIG = (16, 64, 16, 64)
+
+
+def sel_q_block() -> int:
+    return SEL_Q_BLOCK or Q_BLOCK
 
 
 def install_flex_backward_configs() -> bool:
@@ -64,9 +80,11 @@ def install_flex_backward_configs() -> bool:
     def get_flex_attn_bwd_configs(self, head_dim, dtype):
         configs = list(original(self, head_dim, dtype))
         if dtype != torch.float32:
-            m1, n1, m2, n2 = EXTRA_BWD_CONFIG
-            if not any((c.block_m1, c.block_n1, c.block_m2, c.block_n2) == EXTRA_BWD_CONFIG for c in configs):
-                configs.append(heuristics.FlexBwDConfig(m1, n1, m2, n2, 3 if head_dim <= 128 else 2, 4))
+            have = {(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs}
+            extra = [EXTRA_BWD_CONFIG] + ([SMALL_Q_BWD_CONFIG] if sel_q_block() < 64 else [])
+            for blocks in extra:
+                if blocks not in have:
+                    configs.append(heuristics.FlexBwDConfig(*blocks, 3 if head_dim <= 128 else 2, 4))
         return configs
 
     get_flex_attn_bwd_configs._nsa_flex_extra = True

@@ -153,9 +153,10 @@ def parts(x, cfg):
 
     def build(idx):
         table = selection_table(idx, cfg.num_sel_blocks(T))
-        a, al = selected_tiles(table, cfg.sel_block, G, op.tuning.Q_BLOCK, kb)
+        qb = op.tuning.sel_q_block()
+        a, al = selected_tiles(table, cfg.sel_block, G, qb, kb)
         bm = block_mask_from_tiles(a, al, selected_mask(table, cfg.sel_block, G), T * G, T,
-                                   op.tuning.Q_BLOCK, kb, 1, Hkv)
+                                   qb, kb, 1, Hkv)
         return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
     build_fn = comp(build)
     out["mask_build"] = {"fwd_ms": bench_ms(lambda: build_fn(idx))}
@@ -196,6 +197,24 @@ def fla(x, cfg):
     return fwd_and_fwdbwd(run, [q, k, v, g_cmp, g_slc])
 
 
+def apply_tuning(items: list[str]) -> dict:
+    """KNOB=VALUE or KNOB.key=VALUE (dict knobs) onto nsa_flex.tuning; VALUE an int or None.
+    Returns the knobs' values in effect (all of them, set or default)."""
+    from nsa_flex import tuning
+    for item in items:
+        name, _, value = item.partition("=")
+        knob, _, key = name.partition(".")
+        if not value or not hasattr(tuning, knob) or not knob.isupper():
+            raise SystemExit(f"--tune {item!r}: expected KNOB=VALUE with KNOB one of "
+                             f"{[n for n in dir(tuning) if n.isupper()]}")
+        val = None if value == "None" else int(value)
+        if key:
+            getattr(tuning, knob)[key] = val
+        else:
+            setattr(tuning, knob, val)
+    return {n: getattr(tuning, n) for n in dir(tuning) if n.isupper() and not n.startswith("_")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
@@ -208,13 +227,17 @@ def main():
                     help="device time of nsa_flex per kernel group, from the profiler (no extra compile)")
     ap.add_argument("--hq", type=int, default=64)
     ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--tune", nargs="*", default=[], metavar="KNOB=VALUE",
+                    help="set nsa_flex.tuning knobs before compiling, e.g. SEL_Q_BLOCK=16 Q_SPLITS.cmp=8 "
+                         "(recorded in the JSON)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    tuned = apply_tuning(a.tune)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
             "B": 1, "Hq": a.hq, "Hkv": a.hkv, "dtype": "bfloat16", "timing": "median, triton do_bench",
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "tuning": tuned}
 
     def save():
         json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
