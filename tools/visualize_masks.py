@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nsa_flex.viz.cli import main  # noqa: E402
+if __name__ == "__main__":  # not at import: spawned drawing workers re-import this script
+    from nsa_flex.viz.cli import main
 
-if __name__ == "__main__":
     sys.exit(main())

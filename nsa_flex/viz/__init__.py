@@ -9,6 +9,11 @@
 * :mod:`.cli`: the command line.
 """
 
-from .cli import main, run
-
 __all__ = ["main", "run"]
+
+
+def __getattr__(name):  # lazy: the drawing workers import nsa_flex.viz.figures only
+    if name in __all__:
+        from . import cli
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+if __name__ == "__main__":  # not at import: spawned drawing workers re-import this module
+    from nsa_flex.viz.cli import main
 
-if __name__ == "__main__":
     sys.exit(main())

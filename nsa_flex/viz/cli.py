@@ -130,11 +130,6 @@ def _log(t_start: float, msg: str) -> None:
     print(f"[viz {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
 
-def _draw(task):
-    kind, kwargs = task
-    return getattr(figures, kind)(**kwargs)
-
-
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
@@ -309,13 +304,13 @@ def run(argv: list[str] | None = None) -> dict:
     _log(t_start, f"drawing {len(tasks)} pictures with {jobs} process{'es' if jobs > 1 else ''}")
     if jobs == 1:
         for t in tasks:
-            _draw(t)
+            figures.draw(t)
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-            list(ex.map(_draw, tasks))
+            list(ex.map(figures.draw, tasks))
     notes = notes_global + ([f"Pictures are {crop}."] if crop else [])
     if any(f["notes"]["branches"].find("max-pooled") >= 0 for f in figs):
         notes.append("Some pictures are max-pooled: a pixel is lit when any (query, key) pair it "

@@ -305,3 +305,10 @@ def render_sparsity(path, records: list[dict], title: str) -> None:
     fig.suptitle(title, fontsize=FONT + 1)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
+
+
+def draw(task):
+    """One drawing task ("render_x", kwargs) in a worker process (imports numpy and matplotlib
+    only)."""
+    kind, kwargs = task
+    return globals()[kind](**kwargs)
