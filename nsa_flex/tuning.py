@@ -25,6 +25,24 @@ SCORE_CHUNK_ELEMS = 1 << 28
 KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}}
 
 
+def apply(items: list[str]) -> dict:
+    """Set knobs from ``KNOB=VALUE`` / ``KNOB.key=VALUE`` strings (VALUE an int or None), as the
+    GPU tools' ``--tune`` option does; returns every knob's value in effect."""
+    g = globals()
+    for item in items:
+        name, _, value = item.partition("=")
+        knob, _, key = name.partition(".")
+        if not value or knob not in g or not knob.isupper():
+            raise ValueError(f"--tune {item!r}: expected KNOB=VALUE with KNOB one of "
+                             f"{sorted(n for n in g if n.isupper())}")
+        val = None if value == "None" else int(value)
+        if key:
+            g[knob][key] = val
+        else:
+            g[knob] = val
+    return {n: g[n] for n in sorted(g) if n.isupper()}
+
+
 def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
                    q_block: int = Q_BLOCK) -> dict:
     """FlexAttention kernel options for one branch call.
@@ -79,12 +97,13 @@ def install_flex_backward_configs() -> bool:
 
     def get_flex_attn_bwd_configs(self, head_dim, dtype):
         configs = list(original(self, head_dim, dtype))
-        if dtype != torch.float32:
-            have = {(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs}
-            extra = [EXTRA_BWD_CONFIG] + ([SMALL_Q_BWD_CONFIG] if sel_q_block() < 64 else [])
-            for blocks in extra:
-                if blocks not in have:
-                    configs.append(heuristics.FlexBwDConfig(*blocks, 3 if head_dim <= 128 else 2, 4))
+        have = {(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs}
+        extra = ([EXTRA_BWD_CONFIG] if dtype != torch.float32 else []) + \
+            ([SMALL_Q_BWD_CONFIG] if sel_q_block() < 64 else [])
+        stages = 2 if dtype == torch.float32 or head_dim > 128 else 3
+        for blocks in extra:
+            if blocks not in have:
+                configs.append(heuristics.FlexBwDConfig(*blocks, stages, 4))
         return configs
 
     get_flex_attn_bwd_configs._nsa_flex_extra = True

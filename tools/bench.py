@@ -197,24 +197,6 @@ def fla(x, cfg):
     return fwd_and_fwdbwd(run, [q, k, v, g_cmp, g_slc])
 
 
-def apply_tuning(items: list[str]) -> dict:
-    """KNOB=VALUE or KNOB.key=VALUE (dict knobs) onto nsa_flex.tuning; VALUE an int or None.
-    Returns the knobs' values in effect (all of them, set or default)."""
-    from nsa_flex import tuning
-    for item in items:
-        name, _, value = item.partition("=")
-        knob, _, key = name.partition(".")
-        if not value or not hasattr(tuning, knob) or not knob.isupper():
-            raise SystemExit(f"--tune {item!r}: expected KNOB=VALUE with KNOB one of "
-                             f"{[n for n in dir(tuning) if n.isupper()]}")
-        val = None if value == "None" else int(value)
-        if key:
-            getattr(tuning, knob)[key] = val
-        else:
-            setattr(tuning, knob, val)
-    return {n: getattr(tuning, n) for n in dir(tuning) if n.isupper() and not n.startswith("_")}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
@@ -232,7 +214,7 @@ def main():
                          "(recorded in the JSON)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    tuned = apply_tuning(a.tune)
+    tuned = op.tuning.apply(a.tune)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,

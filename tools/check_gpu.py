@@ -71,8 +71,12 @@ def main():
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--dk", type=int, default=192)
     ap.add_argument("--dv", type=int, default=128)
+    ap.add_argument("--tune", nargs="*", default=[], metavar="KNOB=VALUE",
+                    help="nsa_flex.tuning knobs to check, e.g. SEL_Q_BLOCK=16 Q_SPLITS.cmp=8")
     ap.add_argument("--out", default="check_gpu.json")
     a = ap.parse_args()
+    from nsa_flex import tuning
+    tuned = tuning.apply(a.tune)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cfg = NSAConfig()
@@ -125,7 +129,8 @@ def main():
         del base, x32, xr, xb, o_ref
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "shapes": vars(a), "config": cfg.__dict__}
+            "triton": __import__("triton").__version__, "shapes": vars(a), "config": cfg.__dict__,
+            "tuning": tuned}
     json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
 
 

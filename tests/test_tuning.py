@@ -1,0 +1,48 @@
+"""nsa_flex.tuning: the --tune parser of the GPU tools and the extra flex backward candidates."""
+
+import pytest
+import torch
+
+from nsa_flex import tuning
+
+
+@pytest.fixture
+def restore():
+    saved = {n: (dict(v) if isinstance(v, dict) else v) for n, v in vars(tuning).items() if n.isupper()}
+    yield
+    for n, v in saved.items():
+        setattr(tuning, n, v)
+
+
+def test_apply_sets_knobs_and_dict_entries(restore):
+    got = tuning.apply(["SEL_Q_BLOCK=16", "Q_SPLITS.cmp=8", "SEL_KV_BLOCK=None"])
+    assert tuning.SEL_Q_BLOCK == 16 and tuning.sel_q_block() == 16
+    assert tuning.Q_SPLITS == {"cmp": 8, "slc": 1, "swa": 1}
+    assert tuning.SEL_KV_BLOCK is None
+    assert got["Q_SPLITS"]["cmp"] == 8 and got["Q_BLOCK"] == 128
+    for bad in ("NOPE=1", "SEL_Q_BLOCK", "apply=1", "SEL_Q_BLOCK=x"):
+        with pytest.raises(ValueError):
+            tuning.apply([bad])
+
+
+def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, monkeypatch):
+    assert tuning.kernel_options("slc", torch.bfloat16, 128, 64, 16)["fwd_BLOCK_M"] == 16
+    assert tuning.kernel_options("slc", torch.float32, 192, 64, 16)["fwd_BLOCK_M"] == 16
+    assert "fwd_BLOCK_M" not in (tuning.kernel_options("slc", torch.bfloat16, 128, 64) or {})
+    try:
+        from torch._inductor.template_heuristics import triton as heuristics
+        heuristic = heuristics.CUDAConfigHeuristic()
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"this torch has no CUDA flex heuristic to extend: {e}")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # as on an H100
+    assert tuning.install_flex_backward_configs()
+
+    def blocks(dtype):
+        return {(c.block_m1, c.block_n1, c.block_m2, c.block_n2)
+                for c in heuristic.get_flex_attn_bwd_configs(128, dtype)}
+
+    assert tuning.EXTRA_BWD_CONFIG in blocks(torch.bfloat16)
+    assert tuning.SMALL_Q_BWD_CONFIG not in blocks(torch.bfloat16)
+    tuning.SEL_Q_BLOCK = 16
+    assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.bfloat16)
+    assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.float32)
