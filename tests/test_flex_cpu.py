@@ -18,12 +18,18 @@ from nsa_flex import operator as op
 @pytest.mark.parametrize("T,Hq,Hkv,lp", [(173, 16, 1, 16), (150, 3, 3, 48)])
 def test_compiled_flex_matches_dense(T, Hq, Hkv, lp):
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=lp, sel_topn=3, window=40)
+    _compiled_matches_dense(cfg, 1, T, Hq, Hkv, seed=T)
+
+
+def _compiled_matches_dense(cfg, B, T, Hq, Hkv, seed, **tune):
+    """Selected and sliding branches: compiled FlexAttention (CPU forward, with the tuning
+    knobs ``tune`` set while compiling) against the dense path."""
     G, D = Hq // Hkv, 16
-    g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(1, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
     Ts = cfg.num_sel_blocks(T)
-    idx = torch.randint(-1, Ts, (1, Hkv, T, cfg.sel_topn), generator=g).int()
-    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)   # candidates only
+    idx = torch.randint(-1, Ts, (B, Hkv, T, cfg.sel_topn), generator=g).int()
+    idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)   # candidates only
     qp = pack_gqa(q, Hkv)
     scale = D ** -0.5
 
@@ -33,7 +39,12 @@ def test_compiled_flex_matches_dense(T, Hq, Hkv, lp):
 
     with torch.no_grad():
         want = run(False)
-        got = torch.compile(lambda: run(True), fullgraph=True)()
+        with _tuned(**tune):
+            if tune:
+                torch._dynamo.reset()
+            got = torch.compile(lambda: run(True), fullgraph=True)()
+    if tune:
+        torch._dynamo.reset()
     for name, a, b in zip(("selected", "sliding"), got, want):
         assert ((a - b).norm() / b.norm()).item() < 1e-5, name
 
@@ -61,28 +72,8 @@ def test_query_splits_and_one_position_tiles_match_dense():
     """Selected branch with a one-position query tile (G = 16 rows) and query splits, sliding
     branch with query splits: compiled FlexAttention (CPU forward) equals the dense path."""
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
-    T, Hq, Hkv, D = 256, 16, 1, 16
-    G = Hq // Hkv
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
-    Ts = cfg.num_sel_blocks(T)
-    idx = torch.randint(-1, Ts, (2, Hkv, T, cfg.sel_topn), generator=g).int()
-    idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)
-    qp = pack_gqa(q, Hkv)
-    scale = D ** -0.5
-
-    def run(use_flex):
-        return (op.selected_branch(qp, k, v, idx, cfg, G, scale, use_flex),
-                op.sliding_branch(qp, k, v, cfg, G, scale, use_flex))
-
-    with torch.no_grad():
-        want = run(False)
-        with _tuned(SEL_Q_BLOCK=16, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2}):
-            torch._dynamo.reset()
-            got = torch.compile(lambda: run(True), fullgraph=True)()
-    torch._dynamo.reset()
-    for name, a, b in zip(("selected", "sliding"), got, want):
-        assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+    _compiled_matches_dense(cfg, 2, 256, 16, 1, seed=5,
+                            SEL_Q_BLOCK=16, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
 def test_split_rows_and_split_mask_mod():
