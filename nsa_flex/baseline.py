@@ -16,20 +16,27 @@ from torchtitan.models.llama3 import TransformerModelArgs
 from torchtitan.models.llama3 import get_train_spec as llama3_train_spec
 from torchtitan.protocols.train_spec import TrainSpec
 
-from nsa_flex.data.tokenizer import load_tokenizer
+from nsa_flex.data.tokenizer import load_tokenizer, tokenizer_vocab_size
 from nsa_flex.model import nsa_flavors
 
 SPEC_NAME = "llama3_dense"
-EMBEDDED_VOCAB = 8192
 
 
-def dense_args(flavor: str, vocab_size: int = EMBEDDED_VOCAB) -> TransformerModelArgs:
+class DenseArgs(TransformerModelArgs):
+    """llama3's args; the vocabulary follows the tokenizer in use, as the ``nsa`` model's does
+    (llama3's own hook keeps its flavor's fixed vocabulary)."""
+
+    def update_from_config(self, job_config, **kwargs) -> None:
+        super().update_from_config(job_config, **kwargs)
+        self.vocab_size = tokenizer_vocab_size(job_config)
+
+
+def dense_args(flavor: str) -> DenseArgs:
     a = nsa_flavors[flavor]
-    return TransformerModelArgs(
+    return DenseArgs(
         dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-        vocab_size=a.vocab_size or vocab_size, multiple_of=a.multiple_of,
-        ffn_dim_multiplier=a.ffn_dim_multiplier, norm_eps=a.norm_eps, rope_theta=a.rope_theta,
-        max_seq_len=a.max_seq_len)
+        multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier, norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta, max_seq_len=a.max_seq_len)
 
 
 def get_train_spec() -> TrainSpec:

@@ -36,6 +36,8 @@ def apply(items: list[str]) -> dict:
             raise ValueError(f"--tune {item!r}: expected KNOB=VALUE with KNOB one of "
                              f"{sorted(n for n in g if n.isupper())}")
         val = None if value == "None" else int(value)
+        if key and not isinstance(g[knob], dict):
+            raise ValueError(f"--tune {item!r}: {knob} is not a per-branch knob; use {knob}=VALUE")
         if key:
             g[knob][key] = val
         else:
@@ -44,7 +46,7 @@ def apply(items: list[str]) -> dict:
 
 
 def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
-                   q_block: int = Q_BLOCK) -> dict:
+                   q_block: int | None = None) -> dict:
     """FlexAttention kernel options for one branch call.
 
     - float32: Inductor's sm90 default forward tile for head dims it has no entry for (64x64,
@@ -57,8 +59,8 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
     elif kv_block < 128:
         opts.update(fwd_BLOCK_N=min(64, kv_block))
-    if q_block < 64:  # a small query tile: the kernel's row block must divide it
-        opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", q_block), q_block)
+    if (q_block or Q_BLOCK) < 64:  # a small query tile: the kernel's row block must divide it
+        opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), q_block or Q_BLOCK)
     opts.update(KERNEL_OPTIONS.get(branch, {}))
     return opts or None
 

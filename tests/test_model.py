@@ -234,3 +234,19 @@ def test_nsa_section_override_is_checked():
 def test_model_refuses_unset_vocab():
     with pytest.raises(ValueError, match="vocab_size is unset"):
         NSATransformer(tiny_args(vocab_size=None))
+
+
+def test_llama3_dense_baseline_takes_the_flavor_dims_and_the_tokenizer_vocabulary(monkeypatch):
+    from nsa_flex import baseline
+
+    monkeypatch.setattr(baseline, "tokenizer_vocab_size", lambda jc: 1234)
+    for flavor in ("debug", "100m", "1b"):
+        a, d = nsa_flavors[flavor], baseline.dense_args(flavor)
+        assert (d.dim, d.n_layers, d.n_heads, d.n_kv_heads, d.multiple_of, d.ffn_dim_multiplier,
+                d.rope_theta) == (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.multiple_of,
+                                  a.ffn_dim_multiplier, a.rope_theta)
+    d = baseline.dense_args("debug")
+    d.update_from_config(job_config(training=dict(seq_len=256)))
+    assert d.vocab_size == 1234 and d.max_seq_len == 256
+    spec = baseline.get_train_spec()
+    assert set(spec.model_args) == set(nsa_flavors)

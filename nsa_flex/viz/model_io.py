@@ -152,18 +152,15 @@ def load_checkpoint(model: torch.nn.Module, ckpt: Path, prefix: str, shapes: dic
         raise VizError(f"checkpoint {ckpt} does not fit this model: {k} is {a} in the checkpoint "
                        f"but {b} in the model ({len(wrong)} such weights){advice}")
     branch = (".wk_cmp.", ".wv_cmp.", ".wk_swa.", ".wv_swa.")
-    missing = [k for k in sd if k not in shapes]
-    if missing:
-        hint = (" (the checkpoint looks like kv_mode='shared': pass --nsa kv_mode=shared)"
-                if all(any(b in k for b in branch) for k in missing) else "")
-        raise VizError(f"checkpoint {ckpt} lacks {len(missing)} weights of this model, e.g. "
-                       f"{missing[:3]}{hint}{advice}")
-    extra = [k for k in shapes if k not in sd]
-    if extra:
-        hint = (" (it looks like kv_mode='separate': drop --nsa kv_mode=shared)"
-                if all(any(b in k for b in branch) for k in extra) else "")
-        raise VizError(f"checkpoint {ckpt} holds {len(extra)} weights this model lacks, e.g. "
-                       f"{extra[:3]}{hint}{advice}")
+    for keys, what, mode_hint in (
+            ([k for k in sd if k not in shapes], "lacks {n} weights of this model",
+             "the checkpoint looks like kv_mode='shared': pass --nsa kv_mode=shared"),
+            ([k for k in shapes if k not in sd], "holds {n} weights this model lacks",
+             "it looks like kv_mode='separate': drop --nsa kv_mode=shared")):
+        if keys:
+            hint = f" ({mode_hint})" if all(any(b in k for b in branch) for k in keys) else ""
+            raise VizError(f"checkpoint {ckpt} {what.format(n=len(keys))}, e.g. "
+                           f"{keys[:3]}{hint}{advice}")
     state = {prefix + k: v for k, v in sd.items()} if not prefix else {prefix[:-1]: sd}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*single process.*")
