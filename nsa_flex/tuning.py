@@ -61,7 +61,8 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
     elif kv_block < 128:
         opts.update(fwd_BLOCK_N=min(64, kv_block))
-    if (q_block or Q_BLOCK) < 64:  # a small query tile: the kernel's row block must divide it
+    if (q_block or Q_BLOCK) < 128:  # a small query tile: the kernel's row block (128 by default
+        # for bf16 at D <= 128 on sm90) must divide it
         opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), q_block or Q_BLOCK)
     opts.update(KERNEL_OPTIONS.get(branch, {}))
     return opts or None

@@ -12,6 +12,8 @@ is importable. For nsa_flex it also times each part alone. Prints a table last a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import time
 import traceback
@@ -61,8 +63,26 @@ def make(T, Hq, Hkv, Dk, Dv, cfg, seed=0):
                 gates=torch.rand(1, T, Hq, 3, device="cuda", generator=g, dtype=torch.bfloat16))
 
 
-def fwd_and_fwdbwd(run, leaves, out_grad_like=None):
-    """run() -> output tensor. Returns dict with fwd_ms, fwdbwd_ms, peak_mem_mib."""
+GPU_LOCK = None  # --gpu-lock: a file held while timing, so runs sharing one card time in turn
+
+
+@contextlib.contextmanager
+def timing_turn():
+    if GPU_LOCK is None:
+        yield
+        return
+    with open(GPU_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fwd_and_fwdbwd(run, leaves, extra=None):
+    """run() -> output tensor. Returns dict with fwd_ms, fwdbwd_ms, peak_mem_mib (and whatever
+    ``extra(run)`` returns, measured in the same timing turn). Compiles (grad and no-grad)
+    happen before the timing turn."""
     def fwd():
         with torch.no_grad():
             run()
@@ -76,7 +96,16 @@ def fwd_and_fwdbwd(run, leaves, out_grad_like=None):
         run().backward(do)
 
     fwdbwd()
-    return {"fwd_ms": bench_ms(fwd), "fwdbwd_ms": bench_ms(fwdbwd), "peak_mem_mib": peak_mib(fwdbwd)}
+    finite = bool(torch.isfinite(o).all()) and all(
+        bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
+    fwd()
+    torch.cuda.synchronize()
+    with timing_turn():
+        row = {"fwd_ms": bench_ms(fwd), "fwdbwd_ms": bench_ms(fwdbwd), "peak_mem_mib": peak_mib(fwdbwd)}
+        if extra is not None:
+            row.update(extra(run))
+    row["finite"] = finite  # output and every input gradient free of NaN/inf
+    return row
 
 
 def ours(x, cfg, sliding, fla_pool, profile=False):
@@ -90,10 +119,19 @@ def ours(x, cfg, sliding, fla_pool, profile=False):
             kc, vc = x["kc"], x["vc"]
         return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
 
-    row = fwd_and_fwdbwd(run, leaves)
-    if profile:
-        row["profile"] = kernel_breakdown(run)
+    row = fwd_and_fwdbwd(run, leaves, (lambda r: {"profile": kernel_breakdown(r)}) if profile else None)
+    row["selected_blockmask_mib_per_layer"] = selected_blockmask_mib(x["q"].shape[1], x["q"].shape[2],
+                                                                     x["k"].shape[2], cfg)
     return row
+
+
+def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
+    """Memory of the selected branch's BlockMask (one layer, one call): full-width int32 index
+    lists, [B, Hkv, Mq, Nkv] for the partial and full KV lists and [B, Hkv, Nkv, Mq] for their
+    transposes (backward), plus the four count vectors; query splits only regroup them."""
+    qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
+    Mq, Nkv = -(-T * (Hq // Hkv) // qb), -(-T // kb)
+    return round(4 * batch * Hkv * (4 * Mq * Nkv + 2 * Mq + 2 * Nkv) / 2**20, 1)
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
@@ -212,14 +250,20 @@ def main():
     ap.add_argument("--tune", nargs="*", default=[], metavar="KNOB=VALUE",
                     help="set nsa_flex.tuning knobs before compiling, e.g. SEL_Q_BLOCK=16 Q_SPLITS.cmp=8 "
                          "(recorded in the JSON)")
+    ap.add_argument("--gpu-lock", default=None, metavar="FILE",
+                    help="hold this file lock while timing (compiles run outside it), so several "
+                         "bench processes sharing one card never time at once")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    global GPU_LOCK
+    GPU_LOCK = a.gpu_lock
     tuned = op.tuning.apply(a.tune)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
             "B": 1, "Hq": a.hq, "Hkv": a.hkv, "dtype": "bfloat16", "timing": "median, triton do_bench",
-            "date": time.strftime("%Y-%m-%d"), "tuning": tuned}
+            "date": time.strftime("%Y-%m-%d"), "tuning": tuned,
+            "timed_under_lock": a.gpu_lock is not None}
 
     def save():
         json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
