@@ -29,9 +29,20 @@ def dense_attention(q, k, v, mask: torch.Tensor, scale: float):
     m = torch.where(torch.isfinite(m), m, 0.0)
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
-    out = torch.matmul(p, v.to(ctype)) / torch.where(denom > 0, denom, 1.0)
-    lse = (m + torch.log(denom.detach())).squeeze(-1).float()
-    return out.to(q.dtype), lse
+    has = denom > 0
+    out = torch.matmul(p, v.to(ctype)) / torch.where(has, denom, 1.0)
+    # differentiable (m is a constant shift: lse does not depend on it); −inf where nothing is seen
+    lse = torch.where(has, m + torch.log(torch.where(has, denom, 1.0)), float("-inf"))
+    return out.to(q.dtype), lse.squeeze(-1).float()
+
+
+def merge_by_lse(o1, lse1, o2, lse2):
+    """Attention over the union of two disjoint key sets, from each set's output and LSE:
+    o = Σ_i exp(lse_i − lse)·o_i with lse = log(exp(lse1) + exp(lse2)). lse1 must be finite (a
+    set every query sees); o2 may come from an empty set (lse2 = −inf). Float32 result."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - lse)[..., None], torch.exp(lse2 - lse)[..., None]
+    return w1 * o1.float() + w2 * o2.float(), lse
 
 
 def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:

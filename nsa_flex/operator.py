@@ -18,12 +18,13 @@ import functools
 
 import torch
 
-from masks import (compressed_mask, compressed_tiles, heads_first, pack_gqa, selected_mask,
-                   selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
-                   tile_keys, tile_positions, unpack_gqa)
+from masks import (compressed_mask, compressed_tiles, forced_blocks_mask, forced_blocks_tiles,
+                   heads_first, pack_gqa, selected_mask, selected_tiles, selection_table,
+                   sliding_window_mask, sliding_window_tiles, tile_keys, tile_positions, unpack_gqa,
+                   without_forced)
 
 from . import tuning
-from .backends import attend
+from .backends import attend, merge_by_lse
 from .config import NSAConfig
 from .selection import select_blocks
 
@@ -108,19 +109,41 @@ def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float
                   need_lse=True, q_splits=tuning.Q_SPLITS.get("cmp", 1))
 
 
+def _forced_static(cfg: NSAConfig) -> bool:
+    """Whether the selected branch runs as forced (static) + rest (dynamic): tuning's choice,
+    where every query has a forced block and top-n keeps all of them (n ≥ n_init + n_local)."""
+    forced = cfg.n_init + cfg.n_local
+    return bool(tuning.SEL_FORCED_STATIC) and 0 < forced <= cfg.sel_topn
+
+
 def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
     """Eqs. 11–12 applied: attention over the keys of each group's selected blocks (s ≤ t).
 
-    idx [B, Hkv, T, n] from :func:`select_blocks`. Returns o [B, Hkv, T·G, Dv]."""
+    idx [B, Hkv, T, n] from :func:`select_blocks`. Returns o [B, Hkv, T·G, Dv].
+
+    With tuning.SEL_FORCED_STATIC the same softmax runs in two parts over disjoint keys, merged
+    through their log-sum-exp: the forced blocks (a mask of positions only) and the rest."""
     T = k.shape[1]
-    table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
+    kh, vh = heads_first(k), heads_first(v)
     kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
-    out, _ = attend(qp, heads_first(k), heads_first(v), selected_mask(table, cfg.sel_block, group),
-                    lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
-                    use_flex=use_flex, q_block=qb, kv_block=kb,
-                    kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb),
-                    q_splits=tuning.Q_SPLITS.get("slc", 1))
-    return out
+    split = _forced_static(cfg)
+    if split:
+        idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
+    table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
+    out, lse = attend(qp, kh, vh, selected_mask(table, cfg.sel_block, group),
+                      lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
+                      use_flex=use_flex, q_block=qb, kv_block=kb,
+                      kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb),
+                      need_lse=split, q_splits=tuning.Q_SPLITS.get("slc", 1))
+    if not split:
+        return out
+    tiles = _static_tiles(functools.partial(forced_blocks_tiles, cfg.sel_block, cfg.n_init, cfg.n_local),
+                          qp.shape[2], group, T, qp.device)
+    o_f, lse_f = attend(qp, kh, vh, forced_blocks_mask(cfg.sel_block, cfg.n_init, cfg.n_local, group),
+                        tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
+                        kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb),
+                        need_lse=True, q_splits=tuning.Q_SPLITS.get("forced", 1))
+    return merge_by_lse(o_f, lse_f, out, lse)[0]
 
 
 def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex: bool):

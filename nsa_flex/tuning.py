@@ -18,7 +18,12 @@ SEL_Q_BLOCK: int | None = None
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
 # cmp = 8: the compressed branch's first KV tiles serve every query; measured on an H100 at 8k
 # (paper config, D=128) its backward kernel went 3.9 -> 1.2 ms, the operator 29.4 -> 26.7 ms.
-Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1}
+Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
+# 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
+# forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
+# so that no query tile's dynamic list holds the first block, which every tile uses (its dK/dV
+# loop was the longest of the selected backward). 0 (one call) until timed on a GPU.
+SEL_FORCED_STATIC = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # Extra FlexAttention kernel options per branch ("cmp", "slc", "swa"), merged over the defaults

@@ -76,6 +76,28 @@ def test_query_splits_and_one_position_tiles_match_dense():
                             SEL_Q_BLOCK=16, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
+def test_selected_as_forced_plus_rest_eager_flex_matches_dense():
+    """The selected branch as two FlexAttention calls (forced blocks with query splits, the
+    rest) merged through their LSE, against the dense one-call path. Eager FlexAttention: the
+    compiled CPU kernel returns no LSE (the forced mask's tiles are checked in test_masks)."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=4, n_init=1, n_local=2, window=40)
+    T, Hq, Hkv, D = 256, 8, 2, 16
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    idx = torch.randint(-1, cfg.num_sel_blocks(T), (1, Hkv, T, cfg.sel_topn), generator=g).int()
+    idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)
+    cur = (torch.arange(T) // cfg.sel_block).int()        # the forced blocks are always selected
+    idx[..., 0], idx[..., 1] = 0, cur
+    idx[..., 2] = torch.where(cur > 1, cur - 1, -1)
+    idx[..., 3] = torch.where((idx[..., 3] > 0) & (idx[..., 3] < cur - 1), idx[..., 3], -1)
+    qp = pack_gqa(q, Hkv)
+    with torch.no_grad():
+        want = op.selected_branch(qp, k, v, idx, cfg, Hq // Hkv, D ** -0.5, False)
+        with _tuned(SEL_FORCED_STATIC=1, Q_SPLITS={"cmp": 1, "slc": 1, "swa": 1, "forced": 4}):
+            got = op.selected_branch(qp, k, v, idx, cfg, Hq // Hkv, D ** -0.5, True)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
 def test_split_rows_and_split_mask_mod():
     """Chunk b % S of batch b // S sees exactly the rows of the whole mask it came from."""
     from masks import compressed_mask, dense_mask

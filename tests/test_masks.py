@@ -88,6 +88,37 @@ def test_selected_blocks_from_indices(T, G, QB, KB, lp):
             assert torch.equal(states[:, :, m, c] > 0, touched)
 
 
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("lp,n_init,n_local", [(8, 1, 2), (16, 1, 1), (16, 0, 2), (8, 2, 0), (24, 1, 3)])
+def test_forced_blocks(T, G, QB, KB, lp, n_init, n_local):
+    """The static part of the selected branch; its tiles skip nothing needed and list nothing
+    unneeded."""
+    spec = torch.zeros(T * G, T, dtype=torch.bool)
+    for r in range(T * G):
+        t = r // G
+        for s in range(t + 1):
+            spec[r, s] = s // lp < n_init or s // lp > t // lp - n_local
+    bm = static(lambda *b: M.forced_blocks_tiles(lp, n_init, n_local, *b),
+                M.forced_blocks_mask(lp, n_init, n_local, G), T, G, QB, KB, T)
+    check_block_mask(bm, spec[None, None])
+    states = M.tile_states(bm)[0, 0]
+    for m, c in itertools.product(range(states.shape[0]), range(states.shape[1])):
+        assert (states[m, c] > 0) == bool(spec[m * QB:(m + 1) * QB, c * KB:(c + 1) * KB].any())
+
+
+def test_forced_blocks_plus_the_rest_is_the_selection():
+    """without_forced drops exactly the blocks that forced_blocks_mask covers."""
+    lp, n_init, n_local, T = 8, 1, 2, 70
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, -(-T // lp), (1, 1, T, 5), generator=gen)
+    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
+    rest = M.without_forced(idx, lp, n_init, n_local)
+    for t in range(T):
+        cur = t // lp
+        kept = {j for j in rest[0, 0, t].tolist() if j >= 0}
+        assert kept == {j for j in idx[0, 0, t].tolist() if j >= n_init and cur - n_local >= j >= 0}
+
+
 def test_selection_table_ignores_unused_slots():
     idx = torch.tensor([[[[2, -1, 0]]]])
     assert M.selection_table(idx, 4).tolist() == [[[[True, False, True, False]]]]

@@ -34,8 +34,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=[0, 1], ids=["one-call", "forced-static"])
+def sel_forced_static(request, monkeypatch):
+    """The selected branch as one attention, and as forced blocks + rest merged by LSE."""
+    from nsa_flex import tuning
+    monkeypatch.setattr(tuning, "SEL_FORCED_STATIC", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}" for c in CASES])
-def test_matches_float64_reference(case):
+def test_matches_float64_reference(case, sel_forced_static):
     B, T, Hq, Hkv, Dk, Dv, kw, separate = case
     cfg = NSAConfig(**kw)
     xs, swa = make_inputs(B, T, Hq, Hkv, Dk, Dv, cfg, separate)

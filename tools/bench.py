@@ -130,8 +130,10 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
     lists, [B, Hkv, Mq, Nkv] for the partial and full KV lists and [B, Hkv, Nkv, Mq] for their
     transposes (backward), plus the four count vectors; query splits only regroup them."""
     qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
-    Mq, Nkv = -(-T * (Hq // Hkv) // qb), -(-T // kb)
-    return round(4 * batch * Hkv * (4 * Mq * Nkv + 2 * Mq + 2 * Nkv) / 2**20, 1)
+    Nkv = -(-T // kb)
+    q_blocks = [qb] + ([op.tuning.Q_BLOCK] if op._forced_static(cfg) else [])  # + the forced part
+    Mqs = [-(-T * (Hq // Hkv) // b) for b in q_blocks]
+    return round(sum(4 * batch * Hkv * (4 * Mq * Nkv + 2 * Mq + 2 * Nkv) for Mq in Mqs) / 2**20, 1)
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
