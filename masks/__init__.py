@@ -8,13 +8,14 @@ from .forced_blocks import forced_blocks_mask, forced_blocks_tiles, without_forc
 from .readback import computed_mask, dense_mask, tile_states
 from .packing import heads_first, pack_gqa, tile_keys, tile_positions, unpack_gqa
 from .selected import selected_mask, selected_tiles, selection_table
+from .selected_lists import selected_block_mask
 from .sliding_window import sliding_window_mask, sliding_window_tiles
 
 __all__ = [
     "and_document", "block_mask_from_tiles", "causal_mask", "causal_tiles", "compressed_mask",
     "compressed_tiles", "computed_mask", "dense_mask", "document_mask", "document_tiles",
     "forced_blocks_mask", "forced_blocks_tiles",
-    "heads_first", "pack_gqa", "selected_mask", "selected_tiles", "selection_table",
+    "heads_first", "pack_gqa", "selected_block_mask", "selected_mask", "selected_tiles", "selection_table",
     "sliding_window_mask", "sliding_window_tiles", "tile_keys", "tile_positions", "tile_states",
     "unpack_gqa", "without_forced",
 ]

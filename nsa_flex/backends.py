@@ -72,9 +72,21 @@ def effective_splits(requested: int, q_len: int, q_block: int) -> int:
     return next((s for s in range(max(1, requested), 0, -1) if q_len % (s * q_block) == 0), 1)
 
 
+def _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
+    """The branch's BlockMask from its tile classification, for S query chunks (S = 1: whole)."""
+    any_, all_ = tiles(q_block, kv_block)
+    if S > 1:
+        Mq, Nkv = any_.shape[-2:]
+        any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))
+        mask_mod = split_mask_mod(mask_mod, S, Lq // S)
+    return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, H)
+
+
 def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: int,
-           kv_block: int, kernel_options=None, need_lse: bool = False, q_splits: int = 1):
-    """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification.
+           kv_block: int, kernel_options=None, need_lse: bool = False, q_splits: int = 1,
+           block_mask=None):
+    """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification;
+    ``block_mask()`` (flex, unsplit only), where given, builds the BlockMask instead.
 
     ``q_splits`` (flex only) runs consecutive chunks of query rows as separate batch entries,
     each with its own copy of k/v: FlexAttention's backward computes dK/dV with one program per
@@ -88,15 +100,17 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     if not use_flex:
         out, lse = dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
         return out, (lse if need_lse else None)
-    any_, all_ = tiles(q_block, kv_block)
     S = effective_splits(q_splits, Lq, q_block)
+    if block_mask is not None:
+        if S > 1:
+            raise ValueError(f"a prebuilt BlockMask cannot be split into {S} query chunks; "
+                             "set the branch's tuning.Q_SPLITS entry to 1")
+        bm = block_mask()
+    else:
+        bm = _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
     if S > 1:
-        Mq, Nkv = any_.shape[-2:]
-        any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))
-        mask_mod = split_mask_mod(mask_mod, S, Lq // S)
         q = split_rows(q, S)
         k, v = (t[:, None].expand(B, S, *t.shape[1:]).reshape(B * S, *t.shape[1:]) for t in (k, v))
-    bm = block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, H)
     if not need_lse:
         out = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
         return (merge_rows(out, S) if S > 1 else out), None

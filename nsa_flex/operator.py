@@ -19,7 +19,8 @@ import functools
 import torch
 
 from masks import (compressed_mask, compressed_tiles, forced_blocks_mask, forced_blocks_tiles,
-                   heads_first, pack_gqa, selected_mask, selected_tiles, selection_table,
+                   heads_first, pack_gqa, selected_block_mask, selected_mask, selected_tiles,
+                   selection_table,
                    sliding_window_mask, sliding_window_tiles, tile_keys, tile_positions, unpack_gqa,
                    without_forced)
 
@@ -130,11 +131,16 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     if split:
         idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
     table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
-    out, lse = attend(qp, kh, vh, selected_mask(table, cfg.sel_block, group),
+    mask_mod = selected_mask(table, cfg.sel_block, group)
+    narrow = None
+    if tuning.SEL_NARROW_LISTS and cfg.sel_block % kb == 0:
+        narrow = functools.partial(selected_block_mask, idx, cfg.sel_block, group, qb, kb, mask_mod,
+                                   full_width=qp.device.type == "cpu")
+    out, lse = attend(qp, kh, vh, mask_mod,
                       lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
                       use_flex=use_flex, q_block=qb, kv_block=kb,
                       kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb),
-                      need_lse=split, q_splits=tuning.Q_SPLITS.get("slc", 1))
+                      need_lse=split, q_splits=tuning.Q_SPLITS.get("slc", 1), block_mask=narrow)
     if not split:
         return out
     tiles = _static_tiles(functools.partial(forced_blocks_tiles, cfg.sel_block, cfg.n_init, cfg.n_local),

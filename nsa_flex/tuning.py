@@ -24,6 +24,10 @@ Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
 # so that no query tile's dynamic list holds the first block, which every tile uses (its dK/dV
 # loop was the longest of the selected backward). 0 (one call) until timed on a GPU.
 SEL_FORCED_STATIC = 0
+# 1: build the selected BlockMask from the block numbers with KV lists P·n wide (P positions per
+# query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py); needs
+# Q_SPLITS["slc"] = 1. 0 until timed on a GPU.
+SEL_NARROW_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # Extra FlexAttention kernel options per branch ("cmp", "slc", "swa"), merged over the defaults

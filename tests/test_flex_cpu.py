@@ -30,6 +30,8 @@ def _compiled_matches_dense(cfg, B, T, Hq, Hkv, seed, **tune):
     Ts = cfg.num_sel_blocks(T)
     idx = torch.randint(-1, Ts, (B, Hkv, T, cfg.sel_topn), generator=g).int()
     idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)   # candidates only
+    idx = torch.sort(idx, -1).values                                 # distinct, as top-n gives
+    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
     qp = pack_gqa(q, Hkv)
     scale = D ** -0.5
 
@@ -96,6 +98,14 @@ def test_selected_as_forced_plus_rest_eager_flex_matches_dense():
         with _tuned(SEL_FORCED_STATIC=1, Q_SPLITS={"cmp": 1, "slc": 1, "swa": 1, "forced": 4}):
             got = op.selected_branch(qp, k, v, idx, cfg, Hq // Hkv, D ** -0.5, True)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("sel_q_block", [None, 16])
+def test_narrow_selected_lists_match_dense(sel_q_block):
+    """The selected BlockMask built with narrow KV lists (masks/selected_lists.py), consumed by
+    compiled FlexAttention (CPU forward), equals the dense path."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    _compiled_matches_dense(cfg, 2, 256, 16, 1, seed=11, SEL_NARROW_LISTS=1, SEL_Q_BLOCK=sel_q_block)
 
 
 def test_split_rows_and_split_mask_mod():

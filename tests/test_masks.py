@@ -89,6 +89,37 @@ def test_selected_blocks_from_indices(T, G, QB, KB, lp):
 
 
 @pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("lp", [16, 32, 64])
+def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
+    """selected_block_mask (narrow KV lists, sorted pairs for the query side) lists the same
+    tiles in the same states as selected_tiles + block_mask_from_tiles, both directions."""
+    if lp % KB:
+        pytest.skip("the narrow builder needs kv_block | l'")
+    B, H, n = 2, 3, 4
+    Ts = -(-T // lp)
+    gen = torch.Generator().manual_seed(T * 7 + lp)
+    idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
+    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
+    idx[1, 2, :, 0] = 0                        # some tiles where every position shares a block
+    idx = torch.sort(idx, -1).values           # distinct blocks per position, as top-n gives
+    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
+    table = M.selection_table(idx, Ts)
+    a, al = M.selected_tiles(table, lp, G, QB, KB)
+    mm = M.selected_mask(table, lp, G)
+    want = M.block_mask_from_tiles(a, al, mm, T * G, T, QB, KB, B, H)
+    got = M.selected_block_mask(idx, lp, G, QB, KB, mm)
+    for transposed in (False, True):
+        assert torch.equal(M.tile_states(got, transposed), M.tile_states(want, transposed))
+    assert got.kv_indices.shape[-1] == positions_per_tile_w(QB, G, n, lp // KB)
+    check_block_mask(got, M.computed_mask(want))
+
+
+def positions_per_tile_w(QB, G, n, R):
+    from masks.selected import positions_per_tile
+    return positions_per_tile(QB, G) * n * R
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
 @pytest.mark.parametrize("lp,n_init,n_local", [(8, 1, 2), (16, 1, 1), (16, 0, 2), (8, 2, 0), (24, 1, 3)])
 def test_forced_blocks(T, G, QB, KB, lp, n_init, n_local):
     """The static part of the selected branch; its tiles skip nothing needed and list nothing
