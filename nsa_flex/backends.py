@@ -45,6 +45,26 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return w1 * o1.float() + w2 * o2.float(), lse
 
 
+def dense_in_chunks(q, k, v, mask_mod, scale: float):
+    """The dense path over consecutive chunks of query rows, each with its slice of the mask, so
+    that at most tuning.DENSE_CHUNK_ELEMS score elements exist at once (one chunk when they fit)."""
+    from . import tuning
+
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    rows = max(1, min(Lq, tuning.DENSE_CHUNK_ELEMS // max(1, B * H * Lk)))
+    outs, lses = [], []
+    for r0 in range(0, Lq, rows):
+        r1 = min(Lq, r0 + rows)
+        shifted = mask_mod if r0 == 0 else (lambda b, h, qi, kv, r0=r0: mask_mod(b, h, qi + r0, kv))
+        o, l = dense_attention(q[:, :, r0:r1], k, v, dense_mask(shifted, B, H, r1 - r0, Lk, q.device), scale)
+        outs.append(o)
+        lses.append(l)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
 def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
     """[B, H, S·L, ...] -> [B·S, H, L, ...]: consecutive query rows become batch entries."""
     B, H, Lq = x.shape[:3]
@@ -98,7 +118,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if not use_flex:
-        out, lse = dense_attention(q, k, v, dense_mask(mask_mod, B, H, Lq, Lk, q.device), scale)
+        out, lse = dense_in_chunks(q, k, v, mask_mod, scale)
         return out, (lse if need_lse else None)
     S = effective_splits(q_splits, Lq, q_block)
     if block_mask is not None:

@@ -14,6 +14,7 @@ masked softmax built from the same mask_mods (flex_attention has no CPU backward
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -202,6 +203,22 @@ if torch.cuda.is_available():
     tuning.install_flex_backward_configs()
 
 
+_DENSE_ON_CUDA = False
+
+
+@contextlib.contextmanager
+def dense_path():
+    """Within this context nsa_attention takes the dense path on CUDA too: the same mask_mods
+    and selection, masked softmax in row chunks, no FlexAttention kernels to compile (the
+    visualiser's default forward). Results equal the FlexAttention path up to rounding."""
+    global _DENSE_ON_CUDA
+    saved, _DENSE_ON_CUDA = _DENSE_ON_CUDA, True
+    try:
+        yield
+    finally:
+        _DENSE_ON_CUDA = saved
+
+
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v_swa=None,
                   return_indices: bool = False):
     """NSA attention.
@@ -213,7 +230,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     selected block numbers, −1 where unused.
     """
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
-    use_flex = q.device.type == "cuda"
+    use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
     if use_flex and not torch.compiler.is_compiling():
         return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)
     return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, use_flex)

@@ -167,3 +167,35 @@ def test_ties_go_to_the_lower_block():
     _, idx = nsa_attention(q, k, v, kc, vc, torch.rand(1, T, 2, 3), cfg, return_indices=True)
     t = 39                                           # current block 9; forced {0, 9}
     assert sorted(idx[0, t, 0].tolist()) == [0, 1, 2, 9]
+
+
+def test_dense_path_in_row_chunks_equals_one_chunk(monkeypatch):
+    """The dense path split into many query-row chunks (each with its slice of every mask) gives
+    the same output and gradients as one chunk."""
+    from nsa_flex import tuning
+
+    cfg = NSAConfig(**CASES[2][6])
+    xs, _ = make_inputs(1, 93, 8, 2, 8, 12, cfg, dtype=torch.float64)
+
+    def run():
+        leaves = [x.clone().requires_grad_() for x in xs]
+        o = nsa_attention(*leaves, cfg)
+        o.pow(2).sum().backward()
+        return [o.detach()] + [x.grad for x in leaves]
+
+    whole = run()
+    monkeypatch.setattr(tuning, "DENSE_CHUNK_ELEMS", 2 * 93 * 2 * 5)  # a few rows per chunk
+    chunked = run()
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_path_context_restores():
+    from nsa_flex import operator as op
+    assert not op._DENSE_ON_CUDA
+    with op.dense_path():
+        assert op._DENSE_ON_CUDA
+        with op.dense_path():
+            assert op._DENSE_ON_CUDA
+        assert op._DENSE_ON_CUDA
+    assert not op._DENSE_ON_CUDA

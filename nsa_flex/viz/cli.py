@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the model runs (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--forward", default="dense", choices=("dense", "flex"),
+                   help="how the model's forward runs on CUDA: 'dense' (default: the operator's "
+                        "dense path in row chunks — same masks and selection up to rounding, no "
+                        "kernel compile) or 'flex' (the compiled FlexAttention kernels used in "
+                        "training; the first run on a machine compiles them, about a minute). "
+                        "On CPU both are the dense path")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the needle")
     p.add_argument("--jobs", type=int, default=0,
                    help="processes drawing the pictures (default: up to 8, by CPU count)")
@@ -185,8 +192,12 @@ def run(argv: list[str] | None = None) -> dict:
          + (f", loading {ckpt}" if ckpt else f", random weights (seed {a.seed})"))
     model = build_model(args, device, dtype, a.seed, ckpt, layout)
     tokens = torch.tensor([seq.tokens], device=device)
-    _log(t_start, f"forward up to layer {max(layers)}")
-    captured = capture_attention_inputs(model, tokens, layers)
+    _log(t_start, f"forward up to layer {max(layers)}"
+         + (f" ({a.forward} attention)" if device.type == "cuda" else ""))
+    from nsa_flex.operator import dense_path
+
+    with dense_path() if a.forward == "dense" else contextlib.nullcontext():
+        captured = capture_attention_inputs(model, tokens, layers)
     if device.type == "cuda":
         torch.cuda.synchronize()
     _log(t_start, "forward done")
@@ -291,7 +302,8 @@ def run(argv: list[str] | None = None) -> dict:
         "input": seq.description, "seq_len": T, "query_range": f"{q_lo}–{q_hi - 1}",
         "layers": ",".join(map(str, layers)), "kv_heads": ",".join(map(str, heads)),
         "query heads per KV head (G)": G, "nsa": ", ".join(f"{k}={v}" for k, v in cfg_d.items())
-        + f", kv_mode={args.kv_mode}", "device": f"{device} ({str(dtype).replace('torch.', '')})",
+        + f", kv_mode={args.kv_mode}", "device": f"{device} ({str(dtype).replace('torch.', '')})"
+        + (f", {a.forward} attention in the forward" if device.type == "cuda" else ""),
         "pictures": f"at most {max_px} cells per side (larger ranges max-pooled); "
         + ("whole sequence" if whole else crop),
     }
