@@ -13,8 +13,14 @@ from torch.nn.attention.flex_attention import BlockMask
 
 
 def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    num = tiles.sum(-1, dtype=torch.int32)
-    idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    """(count, column order) per row of a bool [..., N]: the listed columns ascending, then the
+    others ascending — what a stable descending argsort gives, by prefix counts (no sort)."""
+    t = tiles.to(torch.int32)
+    num = t.sum(-1, dtype=torch.int32)
+    col = torch.arange(t.shape[-1], device=t.device, dtype=torch.int32)
+    before = t.cumsum(-1, dtype=torch.int32) - t                     # listed columns before col
+    dest = torch.where(tiles, before, num[..., None] + col - before)
+    idx = torch.empty_like(t).scatter_(-1, dest.long(), col.expand_as(t).contiguous())
     return num, idx
 
 
@@ -29,8 +35,12 @@ def block_mask_from_tiles(any_: torch.Tensor, all_: torch.Tensor, mask_mod, q_le
     full = any_ & all_ & q_inb[:, None] & kv_inb[None, :]
     partial = any_ & ~full
     shape = (batch, heads, Mq, Nkv)
-    kv_num, kv_idx = _ordered(partial.expand(shape))
-    full_num, full_idx = _ordered(full.expand(shape))
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
-                                    BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
-                                    seq_lengths=(q_len, kv_len))
+    partial, full = partial.expand(shape), full.expand(shape)
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    q_num, q_idx = _ordered(partial.transpose(-1, -2))               # the backward's lists
+    full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
+    return BlockMask(seq_lengths=(q_len, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+                     full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num,
+                     q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
+                     BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod)

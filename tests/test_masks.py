@@ -179,3 +179,26 @@ def test_pack_unpack_roundtrip():
     assert p.shape == (2, 2, 28, 5)
     assert torch.equal(p[1, 1, 3 * 4 + 2], x[1, 3, 1 * 4 + 2])   # row t·G + g of KV head k
     assert torch.equal(M.unpack_gqa(p, 7), x)
+
+
+def test_block_mask_lists_equal_torchs_own():
+    """block_mask_from_tiles builds its lists and their transposes by prefix counts; they must be
+    exactly what BlockMask.from_kv_blocks (argsort and transposes) makes from the same tiles."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    gen = torch.Generator().manual_seed(1)
+    any_ = torch.rand(2, 3, 9, 7, generator=gen) < 0.5
+    all_ = any_ & (torch.rand(2, 3, 9, 7, generator=gen) < 0.5)
+    bm = M.block_mask_from_tiles(any_, all_, M.causal_mask(1), 9 * 16, 7 * 16, 16, 16, 2, 3)
+    full, partial = all_, any_ & ~all_
+
+    def torch_ordered(t):
+        return (t.sum(-1, dtype=torch.int32),
+                torch.argsort(t.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
+
+    ref = BlockMask.from_kv_blocks(*torch_ordered(partial), *torch_ordered(full), BLOCK_SIZE=16,
+                                   mask_mod=M.causal_mask(1), seq_lengths=(9 * 16, 7 * 16))
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        a, b = getattr(bm, name), getattr(ref, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
