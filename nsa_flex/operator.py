@@ -201,6 +201,7 @@ def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
 
 if torch.cuda.is_available():
     tuning.install_flex_backward_configs()
+    from . import score_kernel  # noqa: F401  (registers torch.ops.nsa_flex.selection_scores)
 
 
 _DENSE_ON_CUDA = False

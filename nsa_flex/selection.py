@@ -94,6 +94,17 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     numbers. Arguments as in :func:`selection_scores`."""
     B, H, _, _ = q_packed.shape
     Tc = k_cmp.shape[2]
+    if tuning.SCORE_KERNEL and q_packed.is_cuda and Tc > 0:
+        from . import score_kernel
+
+        score_kernel.check(cfg, group)
+        Ts = cfg.num_sel_blocks(seq_len)
+        p_slc = score_kernel.selection_scores(q_packed, k_cmp, lse_cmp, cfg.cmp_block, cfg.cmp_stride,
+                                              cfg.sel_block, scale, group, seq_len, Ts)
+        chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // (2 * B * H * Ts)))  # int64 keys
+        pos = torch.arange(seq_len, device=q_packed.device)
+        return torch.cat([top_n(p_slc[:, :, t0:t0 + chunk], pos[t0:t0 + chunk], cfg)
+                          for t0 in range(0, seq_len, chunk)], dim=2)
     chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
     out = []
     for t0 in range(0, seq_len, chunk):

@@ -30,6 +30,10 @@ SEL_FORCED_STATIC = 0
 SEL_NARROW_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
+# 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
+# writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
+# compiled graph); CUDA only, G and l'/d powers of two. 0 until timed on a GPU.
+SCORE_KERNEL = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.
 DENSE_CHUNK_ELEMS = 1 << 28
