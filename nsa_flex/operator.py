@@ -146,9 +146,11 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
         return out
     tiles = _static_tiles(functools.partial(forced_blocks_tiles, cfg.sel_block, cfg.n_init, cfg.n_local),
                           qp.shape[2], group, T, qp.device)
+    # The forced part's mask depends on positions only, like the compressed branch's, so it takes
+    # the tiles (KV_BLOCK) and query splits proven there rather than the selected branch's.
     o_f, lse_f = attend(qp, kh, vh, forced_blocks_mask(cfg.sel_block, cfg.n_init, cfg.n_local, group),
-                        tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
-                        kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb),
+                        tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
+                        kernel_options=tuning.kernel_options("forced", qp.dtype, qp.shape[-1], tuning.KV_BLOCK),
                         need_lse=True, q_splits=tuning.Q_SPLITS.get("forced", 1))
     return merge_by_lse(o_f, lse_f, out, lse)[0]
 

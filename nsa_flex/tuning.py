@@ -37,10 +37,11 @@ SCORE_KERNEL = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.
 DENSE_CHUNK_ELEMS = 1 << 28
-# Extra FlexAttention kernel options per branch ("cmp", "slc", "swa"), merged over the defaults
+# Extra FlexAttention kernel options per branch ("cmp", "slc", "swa", and "forced": the forced
+# blocks' call under SEL_FORCED_STATIC), merged over the defaults
 # below. Keys: fwd_BLOCK_M, fwd_BLOCK_N, fwd_num_stages, fwd_num_warps, bwd_BLOCK_M1, bwd_BLOCK_N1,
 # bwd_BLOCK_M2, bwd_BLOCK_N2, bwd_num_stages, bwd_num_warps.
-KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}}
+KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}, "forced": {}}
 
 
 def apply(items: list[str]) -> dict:
