@@ -66,23 +66,22 @@ def dense_in_chunks(q, k, v, mask_mod, scale: float):
 
 
 def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
-    """[B, H, S·L, ...] -> [B·S, H, L, ...]: consecutive query rows become batch entries."""
-    B, H, Lq = x.shape[:3]
-    rest = x.shape[3:]
-    return x.reshape(B, H, splits, Lq // splits, *rest).transpose(1, 2).reshape(B * splits, H, Lq // splits, *rest)
+    """[B, H, S·L, ...] -> [S·B, H, L, ...]: consecutive query rows become batch entries, chunk-
+    major (entry s·B + b is chunk s of batch b; at B = 1 FlexAttention can then broadcast k/v).
+    A concatenation, so that Inductor hands FlexAttention a plain 4-D buffer."""
+    return torch.cat(x.chunk(splits, dim=2), dim=0)
 
 
 def merge_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
     """Inverse of :func:`split_rows`."""
-    BS, H, L = x.shape[:3]
-    rest = x.shape[3:]
-    return x.reshape(BS // splits, splits, H, L, *rest).transpose(1, 2).reshape(BS // splits, H, splits * L, *rest)
+    return torch.cat(x.chunk(splits, dim=0), dim=2)
 
 
-def split_mask_mod(mask_mod, splits: int, rows: int):
-    """The mask_mod of chunk b % S of batch b // S, whose query rows start at (b % S)·rows."""
+def split_mask_mod(mask_mod, splits: int, rows: int, batch: int):
+    """The mask_mod of entry b = s·batch + b0 (chunk s of batch b0), whose query rows start at
+    s·rows."""
     def query_chunk(b, h, q_idx, kv_idx):
-        return mask_mod(b // splits, h, q_idx + (b % splits) * rows, kv_idx)
+        return mask_mod(b % batch, h, q_idx + (b // batch) * rows, kv_idx)
 
     return query_chunk
 
@@ -98,7 +97,7 @@ def _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
     if S > 1:
         Mq, Nkv = any_.shape[-2:]
         any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))
-        mask_mod = split_mask_mod(mask_mod, S, Lq // S)
+        mask_mod = split_mask_mod(mask_mod, S, Lq // S, B)
     return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, H)
 
 
@@ -108,11 +107,12 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification;
     ``block_mask()`` (flex, unsplit only), where given, builds the BlockMask instead.
 
-    ``q_splits`` (flex only) runs consecutive chunks of query rows as separate batch entries,
-    each with its own copy of k/v: FlexAttention's backward computes dK/dV with one program per
-    (batch, head, KV tile) looping over the query tiles that use it, so a KV tile used by every
-    query (the first compressed keys, the forced initial block) becomes S shorter loops in
-    parallel; autograd sums the copies' gradients. Results are the same up to rounding.
+    ``q_splits`` (flex only) runs consecutive chunks of query rows as separate batch entries
+    over the same k/v (broadcast where B = 1, copied per chunk otherwise): FlexAttention's backward
+    computes dK/dV with one program per (batch, head, KV tile) looping over the query tiles that
+    use it, so a KV tile used by every query (the first compressed keys, the forced initial
+    block) becomes S shorter loops in parallel, summed afterwards. Results are the same up to
+    rounding.
 
     Returns (out, lse); lse is None unless ``need_lse`` (compiled CPU flex cannot return it)."""
     B, H, Lq, _ = q.shape
@@ -130,7 +130,8 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         bm = _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
     if S > 1:
         q = split_rows(q, S)
-        k, v = (t[:, None].expand(B, S, *t.shape[1:]).reshape(B * S, *t.shape[1:]) for t in (k, v))
+        if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1
+            k, v = (t.expand(S, *t.shape).reshape(S * B, *t.shape[1:]) for t in (k, v))
     if not need_lse:
         out = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
         return (merge_rows(out, S) if S > 1 else out), None

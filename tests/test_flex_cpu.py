@@ -70,11 +70,13 @@ def _tuned(**kw):
     return ctx()
 
 
-def test_query_splits_and_one_position_tiles_match_dense():
+@pytest.mark.parametrize("batch", [1, 2])
+def test_query_splits_and_one_position_tiles_match_dense(batch):
     """Selected branch with a one-position query tile (G = 16 rows) and query splits, sliding
-    branch with query splits: compiled FlexAttention (CPU forward) equals the dense path."""
+    branch with query splits: compiled FlexAttention (CPU forward) equals the dense path. At
+    batch 1 the chunks share k/v by broadcast; at batch 2 each chunk gets a copy."""
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
-    _compiled_matches_dense(cfg, 2, 256, 16, 1, seed=5,
+    _compiled_matches_dense(cfg, batch, 256, 16, 1, seed=5,
                             SEL_Q_BLOCK=16, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
@@ -115,10 +117,11 @@ def test_split_rows_and_split_mask_mod():
 
     x = torch.randn(2, 3, 64, 5)
     assert torch.equal(merge_rows(split_rows(x, 4), 4), x)
-    assert split_rows(x, 4)[4 + 1, 2, 3].equal(x[1, 2, 16 + 3])      # batch 1, chunk 1, row 3
+    assert split_rows(x, 4)[1 * 2 + 1, 2, 3].equal(x[1, 2, 16 + 3])  # chunk 1 of batch 1, row 3
+    assert split_rows(x, 4)[3 * 2 + 0, 1, 0].equal(x[0, 1, 48])      # chunk 3 of batch 0, row 0
     mm = compressed_mask(16, 8, 4)
     whole = dense_mask(mm, 2, 3, 64, 10, "cpu")
-    parts = dense_mask(split_mask_mod(mm, 4, 16), 8, 3, 16, 10, "cpu")
+    parts = dense_mask(split_mask_mod(mm, 4, 16, 2), 8, 3, 16, 10, "cpu")
     assert torch.equal(merge_rows(parts, 4), whole)
     assert effective_splits(8, 64 * 128, 128) == 8
     assert effective_splits(8, 3 * 128, 128) == 3
