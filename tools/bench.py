@@ -237,6 +237,55 @@ def fla(x, cfg):
     return fwd_and_fwdbwd(run, [q, k, v, g_cmp, g_slc])
 
 
+def run_variants(a) -> None:
+    """One child process per variant (this script with --tune and a shared --gpu-lock), then one
+    JSON with every row tagged by its variant, and one table."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="nsa_bench_")
+    lock = a.gpu_lock or os.path.join(work, "gpu.lock")
+    argv, skip = [], False
+    for tok in sys.argv[1:]:            # this command line without --variants/--out/--gpu-lock
+        if tok in ("--variants", "--out", "--gpu-lock"):
+            skip = True
+            continue
+        if skip and not tok.startswith("--"):
+            continue
+        skip = False
+        argv.append(tok)
+    children = []
+    for i, variant in enumerate(a.variants):
+        out, log = os.path.join(work, f"v{i}.json"), os.path.join(work, f"v{i}.log")
+        cmd = [sys.executable, __file__, *argv, "--gpu-lock", lock, "--out", out]
+        if variant.split():
+            cmd += ["--tune", *variant.split()]
+        print(f"[bench] variant {i} ({variant or 'defaults'}): log {log}", flush=True)
+        children.append((variant, out, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
+    rows, meta = [], None
+    for variant, out, proc in children:
+        rc = proc.wait()
+        if not os.path.exists(out):
+            rows.append({"variant": variant, "error": f"exit {rc} before writing any row"})
+            continue
+        got = json.load(open(out))
+        meta = meta or {k: v for k, v in got["meta"].items() if k != "tuning"}
+        for r in got["rows"]:
+            rows.append({"variant": variant, "tuning": got["meta"]["tuning"], **r})
+        if rc:
+            rows.append({"variant": variant, "error": f"exit {rc}"})
+    json.dump({"meta": {**(meta or {}), "variants": a.variants, "timed_under_lock": True},
+               "rows": rows}, open(a.out, "w"), indent=1)
+    print(f"\n{'variant':<40}{'impl':<11}{'T':>7}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}")
+    for r in rows:
+        f = lambda k: f"{r[k]:.2f}" if k in r else "err"
+        print(f"{(r['variant'] or 'defaults')[:39]:<40}{r.get('impl', '-'):<11}{r.get('T', 0):>7}"
+              f"{f('fwd_ms'):>10}{f('fwdbwd_ms'):>12}{f('peak_mem_mib'):>10}")
+    print(f"wrote {a.out}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
@@ -255,8 +304,16 @@ def main():
     ap.add_argument("--gpu-lock", default=None, metavar="FILE",
                     help="hold this file lock while timing (compiles run outside it), so several "
                          "bench processes sharing one card never time at once")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="'KNOB=V ...'",
+                    help="run each quoted set of knobs (\"\" for the defaults) in its own process, all "
+                         "at once: compiles overlap, timings take turns under one lock; the rows "
+                         "of all variants go to --out, each with its 'variant'")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/bench.py times GPU kernels and torch sees no CUDA device here")
+    if a.variants is not None:
+        return run_variants(a)
     global GPU_LOCK
     GPU_LOCK = a.gpu_lock
     tuned = op.tuning.apply(a.tune)
