@@ -16,6 +16,8 @@ from torch.nn.attention import flex_attention as _flex
 
 from masks import block_mask_from_tiles, dense_mask
 
+from . import tuning
+
 # return_aux (torch >= 2.11) replaces the deprecated return_lse, whose warning guard would
 # otherwise cost a recompile.
 _HAS_AUX = hasattr(_flex, "AuxRequest")
@@ -48,8 +50,6 @@ def merge_by_lse(o1, lse1, o2, lse2):
 def dense_in_chunks(q, k, v, mask_mod, scale: float):
     """The dense path over consecutive chunks of query rows, each with its slice of the mask, so
     that at most tuning.DENSE_CHUNK_ELEMS score elements exist at once (one chunk when they fit)."""
-    from . import tuning
-
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     rows = max(1, min(Lq, tuning.DENSE_CHUNK_ELEMS // max(1, B * H * Lk)))
