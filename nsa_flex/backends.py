@@ -12,6 +12,7 @@ attends nothing gets out = 0 and lse = −inf.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import flex_attention as _flex
 
 from masks import block_mask_from_tiles, dense_mask
@@ -47,22 +48,31 @@ def merge_by_lse(o1, lse1, o2, lse2):
     return w1 * o1.float() + w2 * o2.float(), lse
 
 
-def dense_in_chunks(q, k, v, mask_mod, scale: float):
+def _masked_sdpa(q, k, v, mask: torch.Tensor, scale: float):
+    """Inference only: SDPA with the boolean mask (no float32 score matrix; rows that see no key
+    give 0, as in dense_attention). Returns (out, None)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, 0.0).to(q.dtype), None
+
+
+def dense_in_chunks(q, k, v, mask_mod, scale: float, need_lse: bool = True):
     """The dense path over consecutive chunks of query rows, each with its slice of the mask, so
-    that at most tuning.DENSE_CHUNK_ELEMS score elements exist at once (one chunk when they fit)."""
+    that at most tuning.DENSE_CHUNK_ELEMS score elements exist at once (one chunk when they fit).
+    Without autograd and LSE (the visualiser's forward) each chunk runs through SDPA."""
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
+    attend_chunk = dense_attention if need_lse or torch.is_grad_enabled() else _masked_sdpa
     rows = max(1, min(Lq, tuning.DENSE_CHUNK_ELEMS // max(1, B * H * Lk)))
     outs, lses = [], []
     for r0 in range(0, Lq, rows):
         r1 = min(Lq, r0 + rows)
         shifted = mask_mod if r0 == 0 else (lambda b, h, qi, kv, r0=r0: mask_mod(b, h, qi + r0, kv))
-        o, l = dense_attention(q[:, :, r0:r1], k, v, dense_mask(shifted, B, H, r1 - r0, Lk, q.device), scale)
+        o, l = attend_chunk(q[:, :, r0:r1], k, v, dense_mask(shifted, B, H, r1 - r0, Lk, q.device), scale)
         outs.append(o)
         lses.append(l)
     if len(outs) == 1:
         return outs[0], lses[0]
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+    return torch.cat(outs, 2), (torch.cat(lses, 2) if lses[0] is not None else None)
 
 
 def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
@@ -118,7 +128,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     if not use_flex:
-        out, lse = dense_in_chunks(q, k, v, mask_mod, scale)
+        out, lse = dense_in_chunks(q, k, v, mask_mod, scale, need_lse)
         return out, (lse if need_lse else None)
     S = effective_splits(q_splits, Lq, q_block)
     if block_mask is not None:

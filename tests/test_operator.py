@@ -199,3 +199,24 @@ def test_dense_path_context_restores():
             assert op._DENSE_ON_CUDA
         assert op._DENSE_ON_CUDA
     assert not op._DENSE_ON_CUDA
+
+
+def test_inference_dense_path_through_sdpa_equals_the_masked_softmax():
+    """Without autograd the dense path's selected and sliding branches run through SDPA with a
+    boolean mask; output equals the masked softmax's, including rows that see no key (0)."""
+    from masks import dense_mask, selected_mask, selection_table
+    from nsa_flex.backends import dense_attention, dense_in_chunks
+
+    g = torch.Generator().manual_seed(4)
+    B, H, T, G, D = 1, 2, 40, 3, 8
+    q = torch.randn(B, H, T * G, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    idx = torch.randint(-1, 4, (B, H, T, 2), generator=g)
+    idx = torch.where(idx * 10 <= torch.arange(T)[:, None], idx, -1)
+    idx[0, 0, 5] = -1                                   # a position that sees nothing
+    mm = selected_mask(selection_table(idx, 4), 10, G)
+    want, _ = dense_attention(q, k, v, dense_mask(mm, B, H, T * G, T), 0.3)
+    with torch.no_grad():
+        got, lse = dense_in_chunks(q, k, v, mm, 0.3, need_lse=False)
+    assert lse is None and torch.all(got[0, 0, 5 * G:6 * G] == 0)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
