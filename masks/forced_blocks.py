@@ -25,11 +25,17 @@ from __future__ import annotations
 import torch
 
 
+def is_forced(j, cur, n_init: int, n_local: int):
+    """Whether selection block j is forced for a query in block cur (given j ≤ cur): one of the
+    n_init first blocks or of the n_local blocks ending at cur. The one statement of the rule,
+    for top-n, this mask and :func:`without_forced`."""
+    return (j < n_init) | (j > cur - n_local)
+
+
 def forced_blocks_mask(sel_block: int, n_init: int, n_local: int, group: int = 1):
     def forced_blocks(b, h, q_idx, kv_idx):
         t = q_idx // group
-        j = kv_idx // sel_block
-        return (kv_idx <= t) & ((j < n_init) | (j > t // sel_block - n_local))
+        return (kv_idx <= t) & is_forced(kv_idx // sel_block, t // sel_block, n_init, n_local)
 
     return forced_blocks
 
@@ -55,5 +61,4 @@ def forced_blocks_tiles(sel_block: int, n_init: int, n_local: int, q_lo, q_hi, k
 def without_forced(indices: torch.Tensor, sel_block: int, n_init: int, n_local: int) -> torch.Tensor:
     """[..., T, n] selected block numbers -> the same with the forced blocks replaced by −1."""
     cur = (torch.arange(indices.shape[-2], device=indices.device) // sel_block)[:, None]
-    forced = (indices < n_init) | (indices > cur - n_local)
-    return torch.where(forced, -1, indices)
+    return torch.where(is_forced(indices, cur, n_init, n_local), -1, indices)   # −1 stays −1

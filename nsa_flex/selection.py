@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from masks import is_forced
+
 from . import tuning
 from .config import NSAConfig
 
@@ -52,7 +54,7 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
     j = torch.arange(Ts, device=p_slc.device)
     cur = (pos // cfg.sel_block)[:, None]
     cand = j <= cur
-    forced = cand & ((j < cfg.n_init) | (j > cur - cfg.n_local))
+    forced = cand & is_forced(j, cur, cfg.n_init, cfg.n_local)
     bits = p_slc.float().clamp_min(0).view(torch.int32)
     key = torch.where(forced, _FORCED_KEY, torch.where(cand, bits, -1)).to(torch.int64)
     key = (key << 32) | (Ts - 1 - j)
