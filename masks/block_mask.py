@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 
-def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_lists(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, column order) per row of a bool [..., N]: the listed columns ascending, then the
     others ascending — what a stable descending argsort gives, by prefix counts (no sort)."""
     t = tiles.to(torch.int32)
@@ -36,10 +36,10 @@ def block_mask_from_tiles(any_: torch.Tensor, all_: torch.Tensor, mask_mod, q_le
     partial = any_ & ~full
     shape = (batch, heads, Mq, Nkv)
     partial, full = partial.expand(shape), full.expand(shape)
-    kv_num, kv_idx = _ordered(partial)
-    full_num, full_idx = _ordered(full)
-    q_num, q_idx = _ordered(partial.transpose(-1, -2))               # the backward's lists
-    full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
+    kv_num, kv_idx = ordered_lists(partial)
+    full_num, full_idx = ordered_lists(full)
+    q_num, q_idx = ordered_lists(partial.transpose(-1, -2))               # the backward's lists
+    full_q_num, full_q_idx = ordered_lists(full.transpose(-1, -2))
     return BlockMask(seq_lengths=(q_len, kv_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,

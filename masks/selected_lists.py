@@ -1,12 +1,13 @@
 """The selected branch's BlockMask built from the block numbers, with narrow KV lists.
 
 The generic route (``selected_tiles`` + ``block_mask_from_tiles``) classifies every (query tile,
-KV tile) pair and sorts rows of all Nkv KV tiles: at 64k with 64-key tiles that is 1024 columns
+KV tile) pair and lists rows of all Nkv KV tiles: at 64k with 64-key tiles that is 1024 columns
 per query tile, of which a tile can use at most W = P·n·R (P positions per tile, n blocks each,
 R = l' / kv_block KV tiles per block). Here a query tile's KV list is the union of its
 positions' blocks, computed directly and stored W wide; the query-side lists of the backward
-come from one sort of the (KV tile, query tile) pairs. The tiles and their full/partial states
-are the same as the generic route's, so FlexAttention computes the same pairs:
+(as wide as the query tiles either way) come from the tile map those lists imply. The tiles and
+their full/partial states are the same as the generic route's, so FlexAttention computes the
+same pairs:
 
     positions 8..11 of a 4-position tile, l' = kv_block = 4, blocks (−1 unused):
       t=8: 0 2 -1     t=9: 0 2 1     t=10: 0 2 -1     t=11: 0 2 -1
@@ -20,38 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from .block_mask import ordered_lists
 from .packing import tile_positions
 from .selected import positions_per_tile
-
-
-def _compact(flag: torch.Tensor, values: torch.Tensor):
-    """Per row, the values where flag holds, packed to the front (order kept), and their count."""
-    W = flag.shape[-1]
-    num = flag.sum(-1, dtype=torch.int32)
-    dest = torch.where(flag, flag.cumsum(-1) - 1, W)                    # column W: discarded
-    out = torch.zeros(*flag.shape[:-1], W + 1, dtype=torch.int32, device=flag.device)
-    out.scatter_(-1, dest, values.to(torch.int32))
-    return num, out[..., :W].contiguous()
-
-
-def _transpose(flag: torch.Tensor, cols: torch.Tensor, n_cols: int):
-    """Query-side lists from KV-side entries: flag/cols [B, H, Mq, W] -> (num [B, H, n_cols],
-    idx [B, H, n_cols, Mq]) listing, per KV tile, the query tiles whose list holds it."""
-    B, H, Mq, W = flag.shape
-    m = torch.arange(Mq, device=flag.device)[:, None].expand(Mq, W)
-    none = n_cols * Mq
-    key = torch.where(flag, cols.long() * Mq + m, none).reshape(B, H, Mq * W)
-    key = torch.sort(key, dim=-1).values
-    valid = key < none
-    c = torch.where(valid, key // Mq, n_cols)
-    counts = torch.zeros(B, H, n_cols + 1, dtype=torch.int64, device=flag.device)
-    counts.scatter_add_(-1, c, torch.ones_like(c))
-    start = counts.cumsum(-1) - counts                                   # first slot of each c
-    rank = torch.arange(Mq * W, device=flag.device) - start.gather(-1, c)
-    dest = torch.where(valid, c * Mq + rank, none)
-    idx = torch.zeros(B, H, none + 1, dtype=torch.int32, device=flag.device)
-    idx.scatter_(-1, dest, (key % Mq).to(torch.int32))
-    return counts[..., :n_cols].to(torch.int32), idx[..., :none].view(B, H, n_cols, Mq)
 
 
 def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_block: int,
@@ -85,13 +57,22 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     full = (used & (npos == (hi - lo + 1)) & (k_hi <= lo) & ((s + 1) * kv_block <= T)
             & ((torch.arange(Mq, device=device)[:, None] + 1) * q_block <= q_len))
     partial = used & ~full
-    kv_num, kv_idx = _compact(partial, s)
-    full_num, full_idx = _compact(full, s)
-    if full_width and kv_idx.shape[-1] < Nkv:
-        pad = (0, Nkv - kv_idx.shape[-1])
-        kv_idx, full_idx = F.pad(kv_idx, pad), F.pad(full_idx, pad)
-    q_num, q_idx = _transpose(partial, s, Nkv)
-    full_q_num, full_q_idx = _transpose(full, s, Nkv)
+    cols = s.clamp(max=Nkv - 1).to(torch.int32)      # entries past a list's count stay in range
+
+    def kv_lists(flag):                              # the listed KV tiles first, ascending
+        num, order = ordered_lists(flag)
+        idx = cols.gather(-1, order.long())
+        return num, (F.pad(idx, (0, Nkv - idx.shape[-1])) if full_width and idx.shape[-1] < Nkv else idx)
+
+    def q_lists(flag):                               # per KV tile, the query tiles listing it
+        tiles = torch.zeros(B, H, Mq, Nkv + 1, dtype=torch.bool, device=device)
+        tiles.scatter_(-1, torch.where(flag, s, Nkv), True)
+        return ordered_lists(tiles[..., :Nkv].transpose(-1, -2))
+
+    kv_num, kv_idx = kv_lists(partial)
+    full_num, full_idx = kv_lists(full)
+    q_num, q_idx = q_lists(partial)
+    full_q_num, full_q_idx = q_lists(full)
     return BlockMask(seq_lengths=(q_len, T), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
