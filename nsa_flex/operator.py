@@ -203,6 +203,7 @@ def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
 
 if torch.cuda.is_available():
     tuning.install_flex_backward_configs()
+    tuning.fix_scalar_tree_block_shape()
     from . import score_kernel  # noqa: F401  (registers torch.ops.nsa_flex.selection_scores)
 
 

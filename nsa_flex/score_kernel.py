@@ -39,7 +39,8 @@ def _probs(q, k_ptr, i, sk_i, rd, Tc, t, lse, row_ok, scale, DP: tl.constexpr, L
                 mask=((i >= 0) & (i < Tc))[:, None] & (rd < D)[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision="ieee")
     seen = (i[None, :] >= 0) & (i[None, :] < Tc) & (i[None, :] * S + L - 1 <= t[:, None]) & row_ok[:, None]
-    return tl.where(seen, tl.exp(s * scale - lse[:, None]), 0.0)
+    # .to: a float argument reaches the kernel as fp64 when Inductor launches it
+    return tl.where(seen, tl.exp(s * scale - lse[:, None]), 0.0).to(tl.float32)
 
 
 @triton.jit

@@ -12,8 +12,11 @@ KV_BLOCK = 128
 SEL_KV_BLOCK = None
 # Query tile of the selected branch; None = Q_BLOCK. A tile of G rows (one position) needs only
 # that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
-# also adds a small backward candidate (see install_flex_backward_configs).
-SEL_Q_BLOCK: int | None = None
+# also adds a small backward candidate (see install_flex_backward_configs). 64 (4 positions at
+# G = 16), with SEL_NARROW_LISTS, measured on an H100 (paper config, D=128, bf16): 64k fwd+bwd
+# 431 -> 329 ms, 8k 26.6 -> 23.9 ms. 16 rows failed to compile there (Triton error in the flex
+# kernel, torch 2.11).
+SEL_Q_BLOCK: int | None = 64
 # Query splits per branch (backends.attend): consecutive query rows run as separate batch
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
 # cmp = 8: the compressed branch's first KV tiles serve every query; measured on an H100 at 8k
@@ -21,18 +24,21 @@ SEL_Q_BLOCK: int | None = None
 Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
 # 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
-# so that no query tile's dynamic list holds the first block, which every tile uses (its dK/dV
-# loop was the longest of the selected backward). 0 (one call) until timed on a GPU.
+# so that no query tile's dynamic list holds the first block, which every tile uses. Measured on
+# an H100 at 64k: 447 ms fwd+bwd vs 431 without, +7.8 GiB peak (the selected backward kernel
+# 233 vs 238 ms: the first block's loop was not what made it slow). 0.
 SEL_FORCED_STATIC = 0
 # 1: build the selected BlockMask from the block numbers with KV lists P·n wide (P positions per
 # query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py); needs
-# Q_SPLITS["slc"] = 1. 0 until timed on a GPU.
-SEL_NARROW_LISTS = 0
+# Q_SPLITS["slc"] = 1. On (see SEL_Q_BLOCK for the measurement).
+SEL_NARROW_LISTS = 1
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
 # writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
-# compiled graph); CUDA only, G and l'/d powers of two. 0 until timed on a GPU.
+# compiled graph); CUDA only, G and l'/d powers of two. Measured on an H100 at 64k: correct but
+# slow (~450 ms for the scoring alone vs ~70 ms by matmuls), and at Dk = 192 in fp32 its tiles
+# need 325 KiB of shared memory (limit 227). 0 until the kernel is tuned.
 SCORE_KERNEL = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.
@@ -131,3 +137,51 @@ def install_flex_backward_configs() -> bool:
     get_flex_attn_bwd_configs._nsa_flex_extra = True
     cls.get_flex_attn_bwd_configs = get_flex_attn_bwd_configs
     return True
+
+
+
+def fix_scalar_tree_block_shape() -> bool:
+    """Let Inductor's Triton codegen size an index expression over a tree without a tensor
+    dimension (idempotent).
+
+    Split scans (long cumsums; Inductor's ``TritonSplitScanKernel``) and persistent reductions in
+    no-X-dim mode run their X range as a scalar (``tensor_dim`` None). On torch 2.11,
+    ``TritonSymbols.get_block_shape`` indexes a shape list with that None and fails with
+    "TypeError: list indices must be integers or slices, not NoneType" whenever an index
+    expression of the X range is fused into such a kernel — which the BlockMask builders do
+    (tile lists by prefix counts, tile classifications from position ranges). Later torch treats
+    such a tree as a scalar; this does the same where the installed torch does not, by sizing the
+    expression with those trees' symbols replaced by 0 (a scalar has shape ()). Only the shape
+    computation changes, never an index. Returns whether the fix was needed and installed.
+    """
+    import inspect
+    try:
+        from torch._inductor.codegen.triton import TritonSymbols
+        from torch._inductor.virtualized import V
+        original = TritonSymbols.get_block_shape.__func__
+    except (ImportError, AttributeError):
+        return False
+    if getattr(original, "_nsa_flex_scalar_trees", False):
+        return True
+    try:
+        if "tensor_dim is None" in inspect.getsource(original):
+            return False                                   # this torch handles it already
+    except (OSError, TypeError):
+        pass
+    TritonSymbols.get_block_shape = classmethod(scalar_trees_as_constants(original, lambda: V.kernel))
+    return True
+
+
+def scalar_trees_as_constants(get_block_shape, kernel):
+    """``get_block_shape(cls, expr)`` with the symbols of the kernel's range trees that have no
+    tensor dimension replaced by 0 first (see :func:`fix_scalar_tree_block_shape`)."""
+    def patched(cls, expr):
+        scalar = [t.prefix for t in kernel().range_trees if t.tensor_dim is None]
+        if scalar:
+            zero = {v: 0 for v in expr.free_symbols if any(v.name.startswith(p) for p in scalar)}
+            expr = expr.subs(zero) if zero else expr
+        return get_block_shape(cls, expr)
+
+    patched._nsa_flex_scalar_trees = True
+    return patched
+

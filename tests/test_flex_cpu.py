@@ -11,19 +11,37 @@ import torch
 from masks import pack_gqa
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
+from torch._inductor.exc import InductorError
 
 
 # The cases run in one process: the second compile sees changed shapes and ints (automatic
-# dynamic shapes), which once lowered a bitwise SymInt expression to a float index.
+# dynamic shapes), which once lowered a bitwise SymInt expression to a float index. The generic
+# selected BlockMask with 128-row tiles here; the GPU defaults (64-row tiles, narrow lists) below.
 @pytest.mark.parametrize("T,Hq,Hkv,lp", [(173, 16, 1, 16), (150, 3, 3, 48)])
 def test_compiled_flex_matches_dense(T, Hq, Hkv, lp):
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=lp, sel_topn=3, window=40)
-    _compiled_matches_dense(cfg, 1, T, Hq, Hkv, seed=T)
+    _compiled_matches_dense(cfg, 1, T, Hq, Hkv, seed=T, reset=False, SEL_Q_BLOCK=None, SEL_NARROW_LISTS=0)
 
 
-def _compiled_matches_dense(cfg, B, T, Hq, Hkv, seed, **tune):
+@pytest.mark.xfail(strict=True, raises=InductorError,
+                   reason="torch's CPU FlexAttention template (2.13) emits C++ naming an undeclared "
+                          "cur_qSplitSize<N> when a dynamic-shape recompile meets the 64-row "
+                          "selected tiles with narrow lists; each shape alone compiles and matches")
+def test_compiled_flex_defaults_dynamic_recompile():
+    torch._dynamo.reset()
+    try:
+        for T, Hq, Hkv, lp in [(173, 16, 1, 16), (150, 3, 3, 48)]:
+            cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=lp, sel_topn=3, window=40)
+            _compiled_matches_dense(cfg, 1, T, Hq, Hkv, seed=T, reset=False, SEL_Q_BLOCK=64,
+                                    SEL_NARROW_LISTS=1)
+    finally:
+        torch._dynamo.reset()
+
+
+def _compiled_matches_dense(cfg, B, T, Hq, Hkv, seed, reset=True, **tune):
     """Selected and sliding branches: compiled FlexAttention (CPU forward, with the tuning
-    knobs ``tune`` set while compiling) against the dense path."""
+    knobs ``tune`` set while compiling) against the dense path. ``reset``: compile afresh when
+    knobs are given (else a recompile of the previous call's graph, with dynamic shapes)."""
     G, D = Hq // Hkv, 16
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
@@ -42,10 +60,10 @@ def _compiled_matches_dense(cfg, B, T, Hq, Hkv, seed, **tune):
     with torch.no_grad():
         want = run(False)
         with _tuned(**tune):
-            if tune:
+            if tune and reset:
                 torch._dynamo.reset()
             got = torch.compile(lambda: run(True), fullgraph=True)()
-    if tune:
+    if tune and reset:
         torch._dynamo.reset()
     for name, a, b in zip(("selected", "sliding"), got, want):
         assert ((a - b).norm() / b.norm()).item() < 1e-5, name
@@ -77,7 +95,7 @@ def test_query_splits_and_one_position_tiles_match_dense(batch):
     batch 1 the chunks share k/v by broadcast; at batch 2 each chunk gets a copy."""
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
     _compiled_matches_dense(cfg, batch, 256, 16, 1, seed=5,
-                            SEL_Q_BLOCK=16, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
+                            SEL_Q_BLOCK=16, SEL_NARROW_LISTS=0, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
 def test_selected_as_forced_plus_rest_eager_flex_matches_dense():
@@ -102,7 +120,7 @@ def test_selected_as_forced_plus_rest_eager_flex_matches_dense():
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("sel_q_block", [None, 16])
+@pytest.mark.parametrize("sel_q_block", [None, 64, 16])
 def test_narrow_selected_lists_match_dense(sel_q_block):
     """The selected BlockMask built with narrow KV lists (masks/selected_lists.py), consumed by
     compiled FlexAttention (CPU forward), equals the dense path."""

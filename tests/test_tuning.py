@@ -46,3 +46,25 @@ def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, mon
     tuning.SEL_Q_BLOCK = 16
     assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.bfloat16)
     assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.float32)
+
+
+
+def test_block_shape_sizes_scalar_trees_as_constants():
+    import sympy
+    from types import SimpleNamespace as NS
+    x0, r0, tmp = sympy.symbols("x0 r0_0 tmp3", integer=True)
+    kernel = NS(range_trees=[NS(prefix="x", tensor_dim=None), NS(prefix="r0_", tensor_dim=0)])
+
+    def strict(cls, expr):          # torch 2.11's behaviour: a symbol of a scalar tree fails
+        if any(v.name.startswith("x") for v in expr.free_symbols):
+            raise TypeError("list indices must be integers or slices, not NoneType")
+        return sorted(v.name for v in expr.free_symbols)
+
+    patched = tuning.scalar_trees_as_constants(strict, lambda: kernel)
+    with pytest.raises(TypeError):
+        strict(None, 64 * x0 + r0)
+    assert patched(None, 64 * x0 + r0 + tmp - 1) == ["r0_0", "tmp3"]
+    assert patched(None, x0 + 1) == []
+    kernel.range_trees[0].tensor_dim = 0            # no scalar tree: the expression untouched
+    with pytest.raises(TypeError):
+        patched(None, x0)
