@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import time
 import traceback
 
@@ -64,10 +65,29 @@ def make(T, Hq, Hkv, Dk, Dv, cfg, seed=0):
 
 
 GPU_LOCK = None  # --gpu-lock: a file held while timing, so runs sharing one card time in turn
+# --barrier DIR:N: before its first timing turn a run waits until N runs have written DIR/ready.*
+# (compiled, or exited), so that no run's timing shares the card with another's compile-time
+# autotuning.
+BARRIER = None
+
+
+def wait_at_barrier():
+    global BARRIER
+    if BARRIER is None:
+        return
+    folder, n = BARRIER.rsplit(":", 1)
+    BARRIER = None
+    open(os.path.join(folder, f"ready.{os.getpid()}"), "w").close()
+    t0 = time.time()
+    while len([f for f in os.listdir(folder) if f.startswith("ready.")]) < int(n):
+        if time.time() - t0 > 1800:
+            raise RuntimeError(f"--barrier {folder}:{n}: the other runs never became ready")
+        time.sleep(1)
 
 
 @contextlib.contextmanager
 def timing_turn():
+    wait_at_barrier()
     if GPU_LOCK is None:
         yield
         return
@@ -126,14 +146,23 @@ def ours(x, cfg, sliding, fla_pool, profile=False):
 
 
 def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
-    """Memory of the selected branch's BlockMask (one layer, one call): full-width int32 index
-    lists, [B, Hkv, Mq, Nkv] for the partial and full KV lists and [B, Hkv, Nkv, Mq] for their
-    transposes (backward), plus the four count vectors; query splits only regroup them."""
+    """Memory of the selected branch's BlockMask (one layer, one call) as the operator builds it
+    on CUDA: int32 KV lists [B, Hkv, Mq, W] (partial and full; W = Nkv, or P·n·l'/kv_block with
+    tuning.SEL_NARROW_LISTS), their transposes [B, Hkv, Nkv, Mq] for the backward, and the four
+    count vectors; plus the forced part's mask with SEL_FORCED_STATIC. Query splits only regroup
+    them."""
+    from masks.selected import positions_per_tile
+    G = Hq // Hkv
     qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
-    Nkv = -(-T // kb)
-    q_blocks = [qb] + ([op.tuning.Q_BLOCK] if op._forced_static(cfg) else [])  # + the forced part
-    Mqs = [-(-T * (Hq // Hkv) // b) for b in q_blocks]
-    return round(sum(4 * batch * Hkv * (4 * Mq * Nkv + 2 * Mq + 2 * Nkv) for Mq in Mqs) / 2**20, 1)
+    parts = [(qb, kb, bool(op.tuning.SEL_NARROW_LISTS) and cfg.sel_block % kb == 0)]
+    if op._forced_static(cfg):
+        parts.append((op.tuning.Q_BLOCK, op.tuning.KV_BLOCK, False))
+    total = 0
+    for q_block, kv_block, narrow in parts:
+        Mq, Nkv = -(-T * G // q_block), -(-T // kv_block)
+        W = positions_per_tile(q_block, G) * cfg.sel_topn * (cfg.sel_block // kv_block) if narrow else Nkv
+        total += 4 * batch * Hkv * (2 * Mq * W + 2 * Nkv * Mq + 2 * Mq + 2 * Nkv)
+    return round(total / 2**20, 1)
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
@@ -249,7 +278,7 @@ def run_variants(a) -> None:
     lock = a.gpu_lock or os.path.join(work, "gpu.lock")
     argv, skip = [], False
     for tok in sys.argv[1:]:            # this command line without --variants/--out/--gpu-lock
-        if tok in ("--variants", "--out", "--gpu-lock"):
+        if tok in ("--variants", "--out", "--gpu-lock", "--barrier"):
             skip = True
             continue
         if skip and not tok.startswith("--"):
@@ -259,11 +288,19 @@ def run_variants(a) -> None:
     children = []
     for i, variant in enumerate(a.variants):
         out, log = os.path.join(work, f"v{i}.json"), os.path.join(work, f"v{i}.log")
-        cmd = [sys.executable, __file__, *argv, "--gpu-lock", lock, "--out", out]
+        cmd = [sys.executable, __file__, *argv, "--gpu-lock", lock, "--out", out,
+               "--barrier", f"{work}:{len(a.variants)}"]
         if variant.split():
             cmd += ["--tune", *variant.split()]
         print(f"[bench] variant {i} ({variant or 'defaults'}): log {log}", flush=True)
         children.append((variant, out, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
+    running = {proc.pid for _, _, proc in children}
+    while running:                      # a run that exits counts as ready at the barrier
+        for _, _, proc in children:
+            if proc.pid in running and proc.poll() is not None:
+                running.discard(proc.pid)
+                open(os.path.join(work, f"ready.exited.{proc.pid}"), "w").close()
+        time.sleep(1)
     rows, meta = [], None
     for variant, out, proc in children:
         rc = proc.wait()
@@ -304,6 +341,9 @@ def main():
     ap.add_argument("--gpu-lock", default=None, metavar="FILE",
                     help="hold this file lock while timing (compiles run outside it), so several "
                          "bench processes sharing one card never time at once")
+    ap.add_argument("--barrier", default=None, metavar="DIR:N",
+                    help="wait before the first timing until N runs have written DIR/ready.* (set "
+                         "by --variants: no run times while another still compiles and autotunes)")
     ap.add_argument("--variants", nargs="+", default=None, metavar="'KNOB=V ...'",
                     help="run each quoted set of knobs (\"\" for the defaults) in its own process, all "
                          "at once: compiles overlap, timings take turns under one lock; the rows "
@@ -314,15 +354,16 @@ def main():
         raise SystemExit("tools/bench.py times GPU kernels and torch sees no CUDA device here")
     if a.variants is not None:
         return run_variants(a)
-    global GPU_LOCK
-    GPU_LOCK = a.gpu_lock
+    global GPU_LOCK, BARRIER
+    GPU_LOCK, BARRIER = a.gpu_lock, a.barrier
     tuned = op.tuning.apply(a.tune)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
             "B": 1, "Hq": a.hq, "Hkv": a.hkv, "dtype": "bfloat16", "timing": "median, triton do_bench",
             "date": time.strftime("%Y-%m-%d"), "tuning": tuned,
-            "timed_under_lock": a.gpu_lock is not None}
+            "timed_under_lock": a.gpu_lock is not None,
+            "inductor_scalar_tree_fix": op.tuning.fix_scalar_tree_block_shape()}
 
     def save():
         json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)

@@ -130,7 +130,7 @@ def main():
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "shapes": vars(a), "config": cfg.__dict__,
-            "tuning": tuned}
+            "tuning": tuned, "inductor_scalar_tree_fix": tuning.fix_scalar_tree_block_shape()}
     json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
 
 
