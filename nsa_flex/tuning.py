@@ -97,8 +97,13 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
 # candidate lets the selected branch use l' = 64 tiles; where several candidates fit, Inductor
 # benchmarks them once at compile time.
 EXTRA_BWD_CONFIG = (64, 64, 64, 64)  # BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2
-# Offered too while SEL_Q_BLOCK < 64 (a query tile of 16 rows, one position at G = 16).
-SMALL_Q_BWD_CONFIG = (16, 64, 16, 64)
+
+
+def small_q_bwd_config(q_block: int) -> tuple[int, int, int, int]:
+    """Backward tile offered too while the selected query tile is under 64 rows (16 rows: one
+    position at G = 16). The flex backward template asserts BLOCK_N1 % BLOCK_M1 == 0 and
+    BLOCK_M2 % BLOCK_N2 == 0, and a tile must divide its sparse block: (q, 64, q, q)."""
+    return (q_block, 64, q_block, q_block)
 
 
 def sel_q_block() -> int:
@@ -127,7 +132,7 @@ def install_flex_backward_configs() -> bool:
         configs = list(original(self, head_dim, dtype))
         have = {(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs}
         extra = ([EXTRA_BWD_CONFIG] if dtype != torch.float32 else []) + \
-            ([SMALL_Q_BWD_CONFIG] if sel_q_block() < 64 else [])
+            ([small_q_bwd_config(sel_q_block())] if sel_q_block() < 64 else [])
         stages = 2 if dtype == torch.float32 or head_dim > 128 else 3
         for blocks in extra:
             if blocks not in have:

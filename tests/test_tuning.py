@@ -42,10 +42,18 @@ def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, mon
                 for c in heuristic.get_flex_attn_bwd_configs(128, dtype)}
 
     assert tuning.EXTRA_BWD_CONFIG in blocks(torch.bfloat16)
-    assert tuning.SMALL_Q_BWD_CONFIG not in blocks(torch.bfloat16)
-    tuning.SEL_Q_BLOCK = 16
-    assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.bfloat16)
-    assert tuning.SMALL_Q_BWD_CONFIG in blocks(torch.float32)
+    for q in (16, 32):
+        assert tuning.small_q_bwd_config(q) not in blocks(torch.bfloat16)
+        tuning.SEL_Q_BLOCK = q
+        assert tuning.small_q_bwd_config(q) in blocks(torch.bfloat16)
+        assert tuning.small_q_bwd_config(q) in blocks(torch.float32)
+        tuning.SEL_Q_BLOCK = 64
+    # what the flex backward template asserts, and each tile dividing its sparse block (q x 64)
+    for q in (16, 32):
+        m1, n1, m2, n2 = tuning.small_q_bwd_config(q)
+        assert n1 % m1 == 0 and m2 % n2 == 0 and q % m1 == 0 and q % m2 == 0 and 64 % n1 == 0 and 64 % n2 == 0
+    m1, n1, m2, n2 = tuning.EXTRA_BWD_CONFIG
+    assert n1 % m1 == 0 and m2 % n2 == 0
 
 
 
