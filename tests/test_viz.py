@@ -295,3 +295,27 @@ def test_needle_input():
     assert 250 < a < 350
     assert "secret passkey is" in tok.decode(seq.tokens[a:b])
     assert tok.decode(seq.tokens[-12:]).rstrip().endswith("passkey is")
+
+
+@pytest.mark.parametrize("sel_q_block", [None, 64, 16])
+def test_tiles_are_the_operators(sel_q_block, monkeypatch):
+    """The tiles picture reads the BlockMask the operator builds (its tile sizes and states),
+    whatever the selected branch's query tile."""
+    from masks.readback import tile_states
+    from masks.selected_lists import selected_block_mask
+    from nsa_flex import tuning
+    monkeypatch.setattr(tuning, "SEL_Q_BLOCK", sel_q_block)
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    T, G = 200, 4
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, cfg.num_sel_blocks(T), (1, 1, T, cfg.sel_topn), generator=g)
+    idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1).int()
+    idx = torch.sort(idx, -1).values
+    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
+    table4 = selection_table(idx, cfg.num_sel_blocks(T))
+    qb, kb = tuning.sel_q_block(), op._sel_kv_block(cfg)
+    viz = A.selected_block_mask(table4, cfg, G)
+    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, selected_mask(table4, cfg.sel_block, G),
+                               full_width=True)
+    assert viz.BLOCK_SIZE == (qb, kb)
+    assert torch.equal(tile_states(viz), tile_states(ours))

@@ -278,9 +278,10 @@ def selected_block_mask(table4: torch.Tensor, cfg: NSAConfig, group: int):
     """The selected branch's BlockMask, built as ``operator.selected_branch`` builds it."""
     T = table4.shape[2]
     kb = _sel_kv_block(cfg)
-    any_, all_ = selected_tiles(table4, cfg.sel_block, group, tuning.Q_BLOCK, kb)
+    qb = tuning.sel_q_block()
+    any_, all_ = selected_tiles(table4, cfg.sel_block, group, qb, kb)
     return block_mask_from_tiles(any_, all_, selected_mask(table4, cfg.sel_block, group),
-                                 T * group, T, tuning.Q_BLOCK, kb, 1, 1)
+                                 T * group, T, qb, kb, 1, 1)
 
 
 @dataclass
