@@ -69,7 +69,12 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
     w_main = _overlap_weight(x[:, None] - y[None, :] * R + A - 1, A, R)     # [BJ·R, BJ]
     w_halo = _overlap_weight(xh[:, None] - HB - y[None, :] * R + A - 1, A, R)  # [HB, BJ]
     tt = pid_t * BT + tl.arange(0, BT)
-    for j0 in range(0, Ts, BJ):
+    # causality: the tile's last position sees compressed blocks i <= i_max, which reach selection
+    # blocks j <= (i_max + A − 1) // R; later columns stay 0 (the output starts zeroed)
+    seen_end = tl.minimum(pid_t * BT + BT - 1, T - 1) - L + 1           # i_max = seen_end // S
+    j_end = tl.where(seen_end >= 0, (seen_end // S + A - 1) // R + 1, 0)
+    j_end = tl.minimum(j_end, Ts)
+    for j0 in range(0, j_end, BJ):
         p = _probs(q, k_base, j0 * R + x, sk_i, rd, Tc, t, lse, row_ok, scale, DP, L, S, D)
         pooled = tl.dot(p, w_main, input_precision="ieee")
         if A > 1:   # compressed blocks that start in the previous selection block
@@ -102,6 +107,7 @@ def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, c
     BJ = max(16, 64 // r)                           # selection blocks per step (a dot needs N >= 16)
     HB = max(16, triton.next_power_of_2(a - 1))     # halo: compressed blocks before the step's first
     q_packed, k_cmp, lse_cmp = q_packed.contiguous(), k_cmp.contiguous(), lse_cmp.contiguous()
+    out.zero_()                                     # blocks past a tile's causal reach stay 0
     kernel = launcher(_scores_kernel) if launcher is not None else _scores_kernel
     grid = (triton.cdiv(seq_len, BT), B * H)
     kernel[grid](q_packed, k_cmp, lse_cmp, out,

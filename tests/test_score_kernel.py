@@ -45,6 +45,7 @@ SCRIPT = textwrap.dedent('''
     case(150, 16, 1, 16, 64, 64, 64, 1)    # fla-core's l = d = l' (no halo)
     case(333, 4, 4, 16, 48, 16, 64, 2)     # two halo blocks, T not a multiple of the tile
     case(97, 2, 1, 32, 16, 8, 32, 3)
+    case(600, 4, 2, 16, 16, 8, 16, 4)      # 38 blocks: early tiles stop before the second step
     print("ok")
 ''')
 
