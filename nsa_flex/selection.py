@@ -89,6 +89,16 @@ def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch
     return pool_to_selection_blocks(p, cfg, Ts)                 # eq. 9
 
 
+def _visible_k_cmp(k_cmp: torch.Tensor, cfg: NSAConfig, t1: int) -> torch.Tensor:
+    """The compressed keys that positions before t1 can see (eq. 8 gives the others 0), rounded
+    up to one of tuning.SCORE_CAUSAL_SLICES lengths; all of them when that knob is 0."""
+    Tc, slices = k_cmp.shape[2], tuning.SCORE_CAUSAL_SLICES
+    if not slices:
+        return k_cmp
+    step = -(-Tc // slices)
+    return k_cmp[:, :, :min(Tc, -(-cfg.num_cmp_blocks(t1) // step) * step)]
+
+
 @torch.no_grad()
 def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
                   cfg: NSAConfig, scale: float, group: int, seq_len: int) -> torch.Tensor:
@@ -111,6 +121,7 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        p_slc = selection_scores(q_packed, k_cmp, lse_cmp, cfg, scale, group, t0, t1)
+        p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
+                                 group, t0, t1)
         out.append(top_n(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

@@ -34,6 +34,11 @@ SEL_FORCED_STATIC = 0
 SEL_NARROW_LISTS = 1
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
+# > 0: each chunk of positions scores only the compressed blocks it can see (those complete
+# before the chunk's end), their count rounded up to a multiple of ceil(Tc / this), so that at
+# most this many chunk shapes exist (each shape compiles its own kernels). Same values; about
+# half the scoring matmul and exp work. 0 (all Tc blocks in every chunk) until timed on a GPU.
+SCORE_CAUSAL_SLICES = 0
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
 # writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
 # compiled graph); CUDA only, G and l'/d powers of two. Measured on an H100 at 64k: correct but

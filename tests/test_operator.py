@@ -99,7 +99,11 @@ def test_bfloat16_close_to_float32():
     assert rel(o16, o32) < 2e-2
 
 
-def test_compiled_matches_eager_on_cpu():
+@pytest.mark.parametrize("causal_slices", [0, 3])
+def test_compiled_matches_eager_on_cpu(causal_slices, monkeypatch):
+    from nsa_flex import tuning
+    monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", causal_slices)
+    monkeypatch.setattr(tuning, "SCORE_CHUNK_ELEMS", 440)    # 5 chunks of 10 positions here
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=12)
     xs, _ = make_inputs(1, 50, 4, 2, 16, 8, cfg, seed=3)
     eager_in = [x.clone().requires_grad_() for x in xs]
@@ -220,3 +224,32 @@ def test_inference_dense_path_through_sdpa_equals_the_masked_softmax():
         got, lse = dense_in_chunks(q, k, v, mm, 0.3, need_lse=False)
     assert lse is None and torch.all(got[0, 0, 5 * G:6 * G] == 0)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40),
+                                 NSAConfig(cmp_block=32, cmp_stride=32, sel_block=32, sel_topn=4, window=40)])
+def test_causal_score_slices_change_nothing(cfg, monkeypatch):
+    """Scoring each chunk of positions against only the compressed blocks it can see gives the
+    same scores and selection as scoring all of them (several chunks, several slice counts)."""
+    from nsa_flex import tuning
+    from masks import pack_gqa
+    from nsa_flex.selection import _visible_k_cmp, select_blocks, selection_scores
+    T, Hq, Hkv, D = 300, 8, 2, 16
+    G, Tc = Hq // Hkv, cfg.num_cmp_blocks(T)
+    g = torch.Generator().manual_seed(7)
+    qp = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv)
+    kc = torch.randn(1, Hkv, Tc, D, generator=g)
+    seen = (torch.arange(Tc) * cfg.cmp_stride + cfg.cmp_block - 1)[None, :] <= (torch.arange(T * G) // G)[:, None]
+    lse = torch.logsumexp((qp @ kc.transpose(-1, -2) * D ** -0.5).masked_fill(~seen, float("-inf")), -1)
+    monkeypatch.setattr(tuning, "SCORE_CHUNK_ELEMS", 40 * G * Tc * Hkv)      # 8 chunks of 40 positions
+    monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", 0)
+    want = select_blocks(qp, kc, lse, cfg, D ** -0.5, G, T)
+    for slices in (1, 3, 1000):
+        monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", slices)
+        assert torch.equal(select_blocks(qp, kc, lse, cfg, D ** -0.5, G, T), want), slices
+        for t0, t1 in ((0, 40), (120, 160), (280, 300)):
+            kv = _visible_k_cmp(kc, cfg, t1)
+            assert kv.shape[2] >= cfg.num_cmp_blocks(t1) and (slices > Tc or kv.shape[2] <= Tc)
+            a = selection_scores(qp, kv, lse, cfg, D ** -0.5, G, t0, t1)
+            b = selection_scores(qp, kc, lse, cfg, D ** -0.5, G, t0, t1)
+            assert torch.allclose(a, b, rtol=1e-6, atol=0), (slices, t0)
