@@ -14,8 +14,8 @@ SEL_KV_BLOCK = None
 # that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
 # also adds a small backward candidate (see install_flex_backward_configs). 64 (4 positions at
 # G = 16), with SEL_NARROW_LISTS, measured on an H100 (paper config, D=128, bf16): 64k fwd+bwd
-# 431 -> 329 ms, 8k 26.6 -> 23.9 ms. 16 rows failed to compile there (Triton error in the flex
-# kernel, torch 2.11).
+# 431 -> 329 ms, 8k 26.6 -> 23.9 ms. 32 rows: 114 vs 133 ms at 32k (another call), GPU
+# gradients not yet checked; 16 and 32 failed to compile before small_q_bwd_config was fixed.
 SEL_Q_BLOCK: int | None = 64
 # Query splits per branch (backends.attend): consecutive query rows run as separate batch
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
@@ -149,7 +149,6 @@ def install_flex_backward_configs() -> bool:
     return True
 
 
-
 def fix_scalar_tree_block_shape() -> bool:
     """Let Inductor's Triton codegen size an index expression over a tree without a tensor
     dimension (idempotent).
@@ -194,4 +193,3 @@ def scalar_trees_as_constants(get_block_shape, kernel):
 
     patched._nsa_flex_scalar_trees = True
     return patched
-
