@@ -19,11 +19,10 @@ import functools
 
 import torch
 
-from masks import (compressed_mask, compressed_tiles, forced_blocks_mask, forced_blocks_tiles,
-                   heads_first, pack_gqa, selected_block_mask, selected_mask, selected_tiles,
-                   selection_table,
-                   sliding_window_mask, sliding_window_tiles, tile_keys, tile_positions, unpack_gqa,
-                   without_forced)
+from masks import (block_mask_from_tiles, compressed_mask, compressed_tiles, forced_blocks_mask,
+                   forced_blocks_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
+                   selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
+                   tile_keys, tile_positions, unpack_gqa, without_forced)
 
 from . import tuning
 from .backends import attend, merge_by_lse
@@ -85,6 +84,22 @@ def _sel_kv_block(cfg: NSAConfig) -> int:
     return next((kb for kb in (128, 64, 32, 16) if cfg.sel_block % kb == 0), 16)
 
 
+def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
+    return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
+
+
+def unsplit_selected_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int, full_width: bool):
+    """The selected branch's BlockMask over all query rows (no query splits), as its
+    FlexAttention call builds it: narrow lists with tuning.SEL_NARROW_LISTS, else from the tile
+    classification. idx [B, Hkv, T, n], table its selection_table. The visualiser reads this."""
+    B, H, T = idx.shape[:3]
+    kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
+    if _narrow_lists(cfg, kb):
+        return selected_block_mask(idx, cfg.sel_block, group, qb, kb, mask_mod, full_width=full_width)
+    any_, all_ = selected_tiles(table, cfg.sel_block, group, qb, kb)
+    return block_mask_from_tiles(any_, all_, mask_mod, T * group, T, qb, kb, B, H)
+
+
 def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
     """Tile classifier (q_block, kv_block) -> (any, all) for a mask known from positions alone."""
     def tiles(q_block, kv_block):
@@ -133,9 +148,9 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
         idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
     table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
     mask_mod = selected_mask(table, cfg.sel_block, group)
-    narrow = None
-    if tuning.SEL_NARROW_LISTS and cfg.sel_block % kb == 0:
-        narrow = functools.partial(selected_block_mask, idx, cfg.sel_block, group, qb, kb, mask_mod,
+    narrow = None   # else attend builds it from the tiles (query splits need that route)
+    if _narrow_lists(cfg, kb):
+        narrow = functools.partial(unsplit_selected_block_mask, idx, table, mask_mod, cfg, group,
                                    full_width=qp.device.type == "cpu")
     out, lse = attend(qp, kh, vh, mask_mod,
                       lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,

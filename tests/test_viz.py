@@ -202,7 +202,7 @@ def test_analysis_reproduces_the_operator():
         tw = an.tiles
         tot = tw.totals()
         assert tot["pairs_missed"] == 0 and tot["full_tiles_not_full"] == 0
-        bm = A.selected_block_mask(table4, CFG, G)
+        bm = A.selected_block_mask(an.idx[None, None], table4, CFG, G)
         assert tot["pairs_needed"] == int(computed_mask(bm).sum()) == G * int(an.counts["slc"].sum())
         assert tot["pairs_computed"] == int(tw.area[tw.states > 0].sum())
         assert tot["tiles_full"] + tot["tiles_partial"] + tot["tiles_skipped"] == tw.states.numel()
@@ -298,13 +298,17 @@ def test_needle_input():
 
 
 @pytest.mark.parametrize("sel_q_block", [None, 64, 16])
-def test_tiles_are_the_operators(sel_q_block, monkeypatch):
+@pytest.mark.parametrize("narrow", [0, 1])
+def test_tiles_are_the_operators(sel_q_block, narrow, monkeypatch):
     """The tiles picture reads the BlockMask the operator builds (its tile sizes and states),
-    whatever the selected branch's query tile."""
+    whatever the selected branch's query tile and list builder; the states equal the narrow
+    builder's and the generic tile classification's."""
+    from masks import block_mask_from_tiles, selected_tiles
     from masks.readback import tile_states
     from masks.selected_lists import selected_block_mask
     from nsa_flex import tuning
     monkeypatch.setattr(tuning, "SEL_Q_BLOCK", sel_q_block)
+    monkeypatch.setattr(tuning, "SEL_NARROW_LISTS", narrow)
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
     T, G = 200, 4
     g = torch.Generator().manual_seed(3)
@@ -314,8 +318,11 @@ def test_tiles_are_the_operators(sel_q_block, monkeypatch):
     idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
     table4 = selection_table(idx, cfg.num_sel_blocks(T))
     qb, kb = tuning.sel_q_block(), op._sel_kv_block(cfg)
-    viz = A.selected_block_mask(table4, cfg, G)
-    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, selected_mask(table4, cfg.sel_block, G),
-                               full_width=True)
+    mask_mod = selected_mask(table4, cfg.sel_block, G)
+    viz = A.selected_block_mask(idx, table4, cfg, G)
+    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, mask_mod, full_width=True)
+    generic = block_mask_from_tiles(*selected_tiles(table4, cfg.sel_block, G, qb, kb), mask_mod,
+                                    T * G, T, qb, kb, 1, 1)
     assert viz.BLOCK_SIZE == (qb, kb)
     assert torch.equal(tile_states(viz), tile_states(ours))
+    assert torch.equal(tile_states(viz), tile_states(generic))

@@ -27,7 +27,7 @@ from masks import pack_gqa
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
 from nsa_flex.selection import select_blocks
-from masks import heads_first, selection_table, selected_tiles, selected_mask, block_mask_from_tiles
+from masks import heads_first, selection_table, selected_mask
 
 CONFIGS = {
     "paper": NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512),
@@ -154,7 +154,7 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
     from masks.selected import positions_per_tile
     G = Hq // Hkv
     qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
-    parts = [(qb, kb, bool(op.tuning.SEL_NARROW_LISTS) and cfg.sel_block % kb == 0)]
+    parts = [(qb, kb, op._narrow_lists(cfg, kb))]
     if op._forced_static(cfg):
         parts.append((op.tuning.Q_BLOCK, op.tuning.KV_BLOCK, False))
     total = 0
@@ -218,14 +218,11 @@ def parts(x, cfg):
         _, lse = cmp_fn(qp, kc, vc)
     out["scoring_topn"] = {"fwd_ms": bench_ms(lambda: sel_fn(qp.detach(), kc, lse))}
     idx = sel_fn(qp.detach(), kc, lse)
-    kb = op._sel_kv_block(cfg)
 
-    def build(idx):
+    def build(idx):   # the selected branch's BlockMask as its FlexAttention call gets it
         table = selection_table(idx, cfg.num_sel_blocks(T))
-        qb = op.tuning.sel_q_block()
-        a, al = selected_tiles(table, cfg.sel_block, G, qb, kb)
-        bm = block_mask_from_tiles(a, al, selected_mask(table, cfg.sel_block, G), T * G, T,
-                                   qb, kb, 1, Hkv)
+        bm = op.unsplit_selected_block_mask(idx, table, selected_mask(table, cfg.sel_block, G), cfg,
+                                            G, full_width=False)
         return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
     build_fn = comp(build)
     out["mask_build"] = {"fwd_ms": bench_ms(lambda: build_fn(idx))}

@@ -3,8 +3,8 @@
 Every quantity comes from the operator's own pieces: the compressed-branch log-sum-exp from the
 dense path of ``nsa_flex.backends`` under ``masks.compressed_mask`` (split into row chunks so that
 long sequences fit), the selection from ``nsa_flex.selection.select_blocks``, the selected
-branch's BlockMask from ``masks.selected_tiles`` + ``masks.block_mask_from_tiles`` read back with
-``masks.readback.tile_states``, and the token patterns from the branches' mask_mods. Long
+branch's BlockMask from ``operator.unsplit_selected_block_mask`` (the one its FlexAttention call
+gets) read back with ``masks.readback.tile_states``, and the token patterns from the branches' mask_mods. Long
 sequences never produce a dense T x T tensor: masks are evaluated in row chunks and either
 reduced to counts or max-pooled to the picture size on the fly.
 """
@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from masks import (block_mask_from_tiles, compressed_mask, heads_first, pack_gqa, selected_mask,
-                   selected_tiles, selection_table, sliding_window_mask)
+from masks import compressed_mask, heads_first, pack_gqa, selected_mask, selection_table, sliding_window_mask
 from masks.readback import FULL, PARTIAL, SKIPPED, tile_states
-from nsa_flex import tuning
 from nsa_flex.backends import dense_attention
 from nsa_flex.config import NSAConfig
-from nsa_flex.operator import _sel_kv_block
+from nsa_flex.operator import unsplit_selected_block_mask
 from nsa_flex.selection import select_blocks, selection_scores
 
 __all__ = [
@@ -274,14 +272,12 @@ class TileWork:
                 "pairs_missed": int(missed), "full_tiles_not_full": int(full_wrong)}
 
 
-def selected_block_mask(table4: torch.Tensor, cfg: NSAConfig, group: int):
-    """The selected branch's BlockMask, built as ``operator.selected_branch`` builds it."""
-    T = table4.shape[2]
-    kb = _sel_kv_block(cfg)
-    qb = tuning.sel_q_block()
-    any_, all_ = selected_tiles(table4, cfg.sel_block, group, qb, kb)
-    return block_mask_from_tiles(any_, all_, selected_mask(table4, cfg.sel_block, group),
-                                 T * group, T, qb, kb, 1, 1)
+def selected_block_mask(idx4: torch.Tensor, table4: torch.Tensor, cfg: NSAConfig, group: int):
+    """The selected branch's BlockMask of one KV head (idx4 [1, 1, T, n] block numbers, table4
+    their selection_table), the one ``operator.selected_branch`` gives FlexAttention (without
+    query splits)."""
+    return unsplit_selected_block_mask(idx4, table4, selected_mask(table4, cfg.sel_block, group),
+                                       cfg, group, full_width=False)
 
 
 @dataclass
@@ -304,7 +300,7 @@ def analyse_head(h: HeadInputs) -> HeadAnalysis:
     lse = compressed_lse(h.qp, h.k_cmp, cfg, G, h.scale)
     idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T)         # [1, 1, T, n]
     table4 = selection_table(idx4, Ts)                                   # [1, 1, T, Ts]
-    bm = selected_block_mask(table4, cfg, G)
+    bm = selected_block_mask(idx4, table4, cfg, G)
     states = tile_states(bm)[0, 0]
     QB, KB = bm.BLOCK_SIZE
     Mq, Nkv = states.shape
