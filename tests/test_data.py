@@ -78,6 +78,16 @@ def test_build_corpus_splits_and_manifest(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["files"] == 122
 
 
+def test_corpus_cache_missing_a_split_is_rebuilt(tmp_path):
+    src = make_tree(tmp_path / "src")
+    out = corpus_mod.ensure_stdlib_corpus(tmp_path / "cache", progress=False, source=src)
+    train = (out / "train.jsonl").read_bytes()
+    (out / "train.jsonl").unlink()      # a cache copied without its largest file
+    again = corpus_mod.ensure_stdlib_corpus(tmp_path / "cache", progress=False, source=src)
+    assert again == out and (out / "train.jsonl").read_bytes() == train
+    assert (out / "manifest.json").exists()
+
+
 def test_embedded_tokenizer_built_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("NSA_FLEX_CACHE", str(tmp_path / "cache"))
     src = make_tree(tmp_path / "src")

@@ -8,7 +8,8 @@ downloaded.
 
 Cache: ``$NSA_FLEX_CACHE`` or ``~/.cache/nsa_flex``; the corpus lives in
 ``corpus-stdlib-py<major><minor>-v<N>/`` as ``train.jsonl``, ``validation.jsonl`` and
-``manifest.json`` (written last: a directory without it is incomplete and is rebuilt).
+``manifest.json`` (written last: a directory without it, or without one of the split files,
+is incomplete and is rebuilt).
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def build_corpus(out_dir: Path, files: list[Path], base: Path, progress: bool = 
     return manifest
 
 
+def _complete(out: Path) -> bool:
+    return (out / "manifest.json").exists() and all((out / f"{s}.jsonl").exists() for s in SPLITS)
+
+
 def ensure_stdlib_corpus(root: Path | None = None, progress: bool = True,
                          source: Path | None = None) -> Path:
     """The cached stdlib corpus directory, gathered first if it is not there yet.
@@ -155,11 +160,16 @@ def ensure_stdlib_corpus(root: Path | None = None, progress: bool = True,
     ``source`` replaces the standard library directory (tests use a small generated tree).
     """
     out = stdlib_corpus_dir(root)
-    if (out / "manifest.json").exists():
+    if _complete(out):
         return out
     with build_lock(out):
-        if (out / "manifest.json").exists():
+        if _complete(out):
             return out
+        if (out / "manifest.json").exists():  # a split file was removed since: build it again
+            missing = [f"{s}.jsonl" for s in SPLITS if not (out / f"{s}.jsonl").exists()]
+            logger.warning(f"nsa_flex: the corpus cache {out} lacks {', '.join(missing)}; "
+                           f"building it again")
+            (out / "manifest.json").unlink()
         base = Path(source or sysconfig.get_paths()["stdlib"])
         files = stdlib_sources(base)
         logger.info(f"nsa_flex: building the embedded corpus from {len(files)} standard-library "
