@@ -68,14 +68,16 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
 
 @torch.no_grad()
 def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
-                     cfg: NSAConfig, scale: float, group: int, t0: int, t1: int) -> torch.Tensor:
+                     cfg: NSAConfig, scale: float, group: int, t0: int, t1: int,
+                     num_sel: int | None = None) -> torch.Tensor:
     """Importance scores p_slc [B, Hkv, t1 − t0, Ts] of positions t0 … t1−1 (eqs. 8–10).
 
     q_packed [B, Hkv, T·G, Dk]; k_cmp [B, Hkv, Tc, Dk]; lse_cmp [B, Hkv, T·G] the compressed
-    branch's log-sum-exp (natural log), so p_cmp = exp(scale·q·k − lse) (eq. 8).
+    branch's log-sum-exp (natural log), so p_cmp = exp(scale·q·k − lse) (eq. 8). ``num_sel``:
+    only the first selection blocks (default all Ts of the sequence).
     """
     B, H, TG, _ = q_packed.shape
-    Tc, Ts = k_cmp.shape[2], cfg.num_sel_blocks(TG // group)
+    Tc, Ts = k_cmp.shape[2], num_sel or cfg.num_sel_blocks(TG // group)
     if Tc == 0:
         return q_packed.new_zeros(B, H, t1 - t0, Ts, dtype=torch.float32)
     pos = torch.arange(t0, t1, device=q_packed.device)
@@ -93,10 +95,22 @@ def _visible_k_cmp(k_cmp: torch.Tensor, cfg: NSAConfig, t1: int) -> torch.Tensor
     """The compressed keys that positions before t1 can see (eq. 8 gives the others 0), rounded
     up to one of tuning.SCORE_CAUSAL_SLICES lengths; all of them when that knob is 0."""
     Tc, slices = k_cmp.shape[2], tuning.SCORE_CAUSAL_SLICES
-    if not slices:
+    if not slices or Tc == 0:
         return k_cmp
     step = -(-Tc // slices)
     return k_cmp[:, :, :min(Tc, -(-cfg.num_cmp_blocks(t1) // step) * step)]
+
+
+def _visible_sel_blocks(cfg: NSAConfig, t1: int, Ts: int) -> int:
+    """How many selection blocks a chunk of positions ending before t1 ranks: with
+    tuning.TOPN_CAUSAL (and SCORE_CAUSAL_SLICES > 0) its candidates j·l' ≤ t1 − 1, rounded up
+    to one of SCORE_CAUSAL_SLICES lengths; else all Ts. Later blocks are never candidates, so the
+    selection is the same."""
+    slices = tuning.SCORE_CAUSAL_SLICES
+    if not (tuning.TOPN_CAUSAL and slices) or t1 <= 0:
+        return Ts
+    step = -(-Ts // slices)
+    return min(Ts, -(-((t1 - 1) // cfg.sel_block + 1) // step) * step)
 
 
 @torch.no_grad()
@@ -118,10 +132,11 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         return torch.cat([top_n(p_slc[:, :, t0:t0 + chunk], pos[t0:t0 + chunk], cfg)
                           for t0 in range(0, seq_len, chunk)], dim=2)
     chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
+    Ts = cfg.num_sel_blocks(seq_len)
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
         p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
-                                 group, t0, t1)
+                                 group, t0, t1, num_sel=_visible_sel_blocks(cfg, t1, Ts))
         out.append(top_n(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

@@ -12,15 +12,21 @@ KV_BLOCK = 128
 SEL_KV_BLOCK = None
 # Query tile of the selected branch; None = Q_BLOCK. A tile of G rows (one position) needs only
 # that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
-# also adds a small backward candidate (see install_flex_backward_configs). 64 (4 positions at
-# G = 16), with SEL_NARROW_LISTS, measured on an H100 (paper config, D=128, bf16): 64k fwd+bwd
-# 431 -> 329 ms, 8k 26.6 -> 23.9 ms. 32 rows: 114 vs 133 ms at 32k (another call), GPU
-# gradients not yet checked; 16 and 32 failed to compile before small_q_bwd_config was fixed.
-SEL_Q_BLOCK: int | None = 64
+# also adds a small backward candidate (see install_flex_backward_configs). Measured on an H100
+# (paper config, D=128, bf16, fwd+bwd of the operator at 64k; cuDNN 444-457 ms in each run):
+# 128 rows 431 ms, 64 rows (with SEL_NARROW_LISTS) 328 ms, 32 rows 269 ms, 16 rows 256 ms
+# (+2 GiB peak over 32: the backward's query lists are [Nkv, T·G/16] int32). 16 (one position
+# at G = 16) passed the GPU gradient check at T = 4096, Dk = 192; 32 did not finish it (its fp32
+# backward autotunes 16x16 tiles at ~0.25-1 s a run).
+SEL_Q_BLOCK: int | None = 16
 # Query splits per branch (backends.attend): consecutive query rows run as separate batch
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
 # cmp = 8: the compressed branch's first KV tiles serve every query; measured on an H100 at 8k
 # (paper config, D=128) its backward kernel went 3.9 -> 1.2 ms, the operator 29.4 -> 26.7 ms.
+# slc: with 16-row selected tiles at 64k the first block's dK/dV program loops over all 65536
+# query tiles (every position selects it), likely the critical path of the selected backward
+# (90 ms vs 24.5 forward); 8 would cut that loop 8-fold. Untimed (an earlier split of the
+# generic route crashed on the GPU; the narrow builder's split is new), so 1.
 Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
 # 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
@@ -29,22 +35,44 @@ Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
 # 233 vs 238 ms: the first block's loop was not what made it slow). 0.
 SEL_FORCED_STATIC = 0
 # 1: build the selected BlockMask from the block numbers with KV lists P·n wide (P positions per
-# query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py); needs
-# Q_SPLITS["slc"] = 1. On (see SEL_Q_BLOCK for the measurement).
+# query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py). On (see
+# SEL_Q_BLOCK for the measurement). With Q_SPLITS["slc"] > 1 it builds the split layout itself
+# (tested on CPU against the unsplit lists; not yet run on a GPU).
 SEL_NARROW_LISTS = 1
+# 1: with SEL_NARROW_LISTS and one position per selected tile (G divisible by SEL_Q_BLOCK), the
+# backward's partial query lists hold only the kv_block·G/q_block tiles of each KV tile's own
+# positions (the diagonal: the only partial tiles then) instead of all T·G/q_block: at 64k with
+# 16-row tiles the selected BlockMask goes from 2082 to 1059 MiB per layer, and two [Nkv, Mq]
+# prefix-count passes go away. Same lists (tested against the generic route on CPU); not yet
+# compiled on a GPU, so 0.
+SEL_NARROW_Q_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # > 0: each chunk of positions scores only the compressed blocks it can see (those complete
 # before the chunk's end), their count rounded up to a multiple of ceil(Tc / this), so that at
 # most this many chunk shapes exist (each shape compiles its own kernels). Same values; about
-# half the scoring matmul and exp work. 0 (all Tc blocks in every chunk) until timed on a GPU.
-SCORE_CAUSAL_SLICES = 0
+# half the scoring matmul and exp work. Measured on an H100 at 64k (32-row selected tiles):
+# 4 -> 254 ms fwd+bwd vs 269 ms with 0.
+SCORE_CAUSAL_SLICES = 4
+# 1 (with SCORE_CAUSAL_SLICES > 0): each chunk also pools and ranks (top-n) only the selection
+# blocks its positions can have (j·l' before the chunk's end), rounded the same way, instead of
+# all Ts. Same selection. At 64k the top-n is 18.6 ms of radix select over 1024 blocks, of which
+# ~40% are past the chunk's end on average with 4 slices. Untimed on a GPU, so 0.
+TOPN_CAUSAL = 0
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
 # writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
 # compiled graph); CUDA only, G and l'/d powers of two. Measured on an H100 at 64k: correct but
 # slow (~450 ms for the scoring alone vs ~70 ms by matmuls), and at Dk = 192 in fp32 its tiles
 # need 325 KiB of shared memory (limit 227). 0 until the kernel is tuned.
 SCORE_KERNEL = 0
+# > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
+# equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
+# KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured
+# 8.2 s a run, and the compile ran out of a 570 s call). This caps those fake counts at this
+# many blocks (FlexAttention's own comment intends 16). Changes only which config is picked and
+# how long the compile takes, never a result. Not yet run on a GPU, so 0 (and then Inductor is
+# left untouched: the cap is installed at import or by apply() only when this is set).
+AUTOTUNE_BLOCKS = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.
 DENSE_CHUNK_ELEMS = 1 << 28
@@ -72,6 +100,8 @@ def apply(items: list[str]) -> dict:
             g[knob][key] = val
         else:
             g[knob] = val
+    if AUTOTUNE_BLOCKS:
+        cap_autotune_blocks()
     return {n: g[n] for n in sorted(g) if n.isupper()}
 
 
@@ -193,3 +223,40 @@ def scalar_trees_as_constants(get_block_shape, kernel):
 
     patched._nsa_flex_scalar_trees = True
     return patched
+
+
+def cap_autotune_blocks() -> bool:
+    """Make Inductor's fake block counts for FlexAttention autotuning respect AUTOTUNE_BLOCKS
+    (read at each compile, so --tune works after import; 0 leaves them as they are). Idempotent;
+    returns False where this torch lacks the generator it wraps."""
+    import importlib
+    try:
+        common = importlib.import_module("torch._inductor.kernel.flex.common")
+        original = common.create_num_blocks_fake_generator
+    except (ImportError, AttributeError):
+        return False
+    if getattr(original, "_nsa_flex_cap", False):
+        return True
+    capped = capped_num_blocks_generator(original, lambda: AUTOTUNE_BLOCKS)
+    for name in ("common", "flex_attention", "flex_decoding", "flex_flash_attention"):
+        try:
+            mod = importlib.import_module(f"torch._inductor.kernel.flex.{name}")
+        except ImportError:
+            continue
+        if getattr(mod, "create_num_blocks_fake_generator", None) is original:
+            mod.create_num_blocks_fake_generator = capped
+    return True
+
+
+def capped_num_blocks_generator(generator, cap):
+    """``generator(sparse_indices) -> fake(x)`` with fake's counts clamped to ``cap()`` when > 0."""
+    def capped(sparse_indices):
+        fake = generator(sparse_indices)
+
+        def fake_capped(x):
+            counts, limit = fake(x), cap()
+            return counts.clamp_(max=limit) if limit > 0 else counts
+        return fake_capped
+
+    capped._nsa_flex_cap = True
+    return capped

@@ -99,10 +99,11 @@ def test_bfloat16_close_to_float32():
     assert rel(o16, o32) < 2e-2
 
 
-@pytest.mark.parametrize("causal_slices", [0, 3])
-def test_compiled_matches_eager_on_cpu(causal_slices, monkeypatch):
+@pytest.mark.parametrize("causal_slices,topn_causal", [(0, 0), (3, 0), (3, 1)])
+def test_compiled_matches_eager_on_cpu(causal_slices, topn_causal, monkeypatch):
     from nsa_flex import tuning
     monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", causal_slices)
+    monkeypatch.setattr(tuning, "TOPN_CAUSAL", topn_causal)
     monkeypatch.setattr(tuning, "SCORE_CHUNK_ELEMS", 440)    # 5 chunks of 10 positions here
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=12)
     xs, _ = make_inputs(1, 50, 4, 2, 16, 8, cfg, seed=3)
@@ -243,10 +244,16 @@ def test_causal_score_slices_change_nothing(cfg, monkeypatch):
     lse = torch.logsumexp((qp @ kc.transpose(-1, -2) * D ** -0.5).masked_fill(~seen, float("-inf")), -1)
     monkeypatch.setattr(tuning, "SCORE_CHUNK_ELEMS", 40 * G * Tc * Hkv)      # 8 chunks of 40 positions
     monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", 0)
+    monkeypatch.setattr(tuning, "TOPN_CAUSAL", 0)
     want = select_blocks(qp, kc, lse, cfg, D ** -0.5, G, T)
     for slices in (1, 3, 1000):
         monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", slices)
+        monkeypatch.setattr(tuning, "TOPN_CAUSAL", 0)
         assert torch.equal(select_blocks(qp, kc, lse, cfg, D ** -0.5, G, T), want), slices
+        # ranking only the blocks a chunk can have: the same blocks (their order is free)
+        monkeypatch.setattr(tuning, "TOPN_CAUSAL", 1)
+        got = select_blocks(qp, kc, lse, cfg, D ** -0.5, G, T)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), slices
         for t0, t1 in ((0, 40), (120, 160), (280, 300)):
             kv = _visible_k_cmp(kc, cfg, t1)
             assert kv.shape[2] >= cfg.num_cmp_blocks(t1) and (slices > Tc or kv.shape[2] <= Tc)

@@ -41,6 +41,7 @@ def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, mon
         return {(c.block_m1, c.block_n1, c.block_m2, c.block_n2)
                 for c in heuristic.get_flex_attn_bwd_configs(128, dtype)}
 
+    tuning.SEL_Q_BLOCK = 64                  # no small tile: no small candidate
     assert tuning.EXTRA_BWD_CONFIG in blocks(torch.bfloat16)
     for q in (16, 32):
         assert tuning.small_q_bwd_config(q) not in blocks(torch.bfloat16)
@@ -76,3 +77,41 @@ def test_block_shape_sizes_scalar_trees_as_constants():
     kernel.range_trees[0].tensor_dim = 0            # no scalar tree: the expression untouched
     with pytest.raises(TypeError):
         patched(None, x0)
+
+
+def test_autotune_block_counts_capped_only_when_asked(restore, monkeypatch):
+    """The fake block counts Inductor autotunes FlexAttention with: as wide as the index list
+    (Inductor's own generator), clamped to AUTOTUNE_BLOCKS when that is > 0."""
+    from torch._inductor.kernel.flex import common, flex_attention
+
+    class Node:   # an IR node as the generator sees it
+        def __init__(self, *size):
+            self.size = size
+
+        def get_size(self):
+            return self.size
+
+        def get_dtype(self):
+            return torch.int32
+
+        def get_device(self):
+            return torch.device("cpu")
+
+    def generator(sparse_indices):        # stands in for Inductor's (same contract)
+        return lambda x: torch.full(x.get_size(), sparse_indices.get_size()[-1], dtype=torch.int32)
+
+    capped = tuning.capped_num_blocks_generator(generator, lambda: tuning.AUTOTUNE_BLOCKS)
+    width = Node(1, 4, 64, 4096)
+    monkeypatch.setattr(tuning, "AUTOTUNE_BLOCKS", 0)
+    assert torch.equal(capped(width)(Node(1, 4, 64)), torch.full((1, 4, 64), 4096, dtype=torch.int32))
+    monkeypatch.setattr(tuning, "AUTOTUNE_BLOCKS", 16)
+    assert torch.equal(capped(width)(Node(1, 4, 64)), torch.full((1, 4, 64), 16, dtype=torch.int32))
+    assert torch.equal(capped(Node(1, 1, 8, 5))(Node(1, 1, 8)), torch.full((1, 1, 8), 5, dtype=torch.int32))
+
+    original = common.create_num_blocks_fake_generator
+    monkeypatch.setattr(common, "create_num_blocks_fake_generator", original)
+    monkeypatch.setattr(flex_attention, "create_num_blocks_fake_generator", original)
+    assert tuning.cap_autotune_blocks() and tuning.cap_autotune_blocks()     # idempotent
+    wrapped = flex_attention.create_num_blocks_fake_generator
+    assert wrapped is not original and wrapped._nsa_flex_cap
+    assert common.create_num_blocks_fake_generator is wrapped
