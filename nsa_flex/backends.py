@@ -101,7 +101,7 @@ def effective_splits(requested: int, q_len: int, q_block: int) -> int:
     return next((s for s in range(max(1, requested), 0, -1) if q_len % (s * q_block) == 0), 1)
 
 
-def _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
+def tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
     """The branch's BlockMask from its tile classification, for S query chunks (S = 1: whole)."""
     any_, all_ = tiles(q_block, kv_block)
     if S > 1:
@@ -115,7 +115,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
            kv_block: int, kernel_options=None, need_lse: bool = False, q_splits: int = 1,
            block_mask=None):
     """One branch. ``tiles(q_block, kv_block)`` gives the (any, all) tile classification;
-    ``block_mask()`` (flex, unsplit only), where given, builds the BlockMask instead.
+    ``block_mask(q_splits=S)`` (flex), where given, builds the BlockMask instead, for S chunks.
 
     ``q_splits`` (flex only) runs consecutive chunks of query rows as separate batch entries
     over the same k/v (broadcast where B = 1, copied per chunk otherwise): FlexAttention's backward
@@ -132,12 +132,9 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         return out, (lse if need_lse else None)
     S = effective_splits(q_splits, Lq, q_block)
     if block_mask is not None:
-        if S > 1:
-            raise ValueError(f"a prebuilt BlockMask cannot be split into {S} query chunks; "
-                             "set the branch's tuning.Q_SPLITS entry to 1")
-        bm = block_mask()
+        bm = block_mask(q_splits=S)
     else:
-        bm = _tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
+        bm = tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
     if S > 1:
         q = split_rows(q, S)
         if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1

@@ -25,7 +25,7 @@ from masks import (block_mask_from_tiles, compressed_mask, compressed_tiles, for
                    tile_keys, tile_positions, unpack_gqa, without_forced)
 
 from . import tuning
-from .backends import attend, merge_by_lse
+from .backends import attend, merge_by_lse, split_mask_mod, tiled_block_mask
 from .config import NSAConfig
 from .selection import select_blocks
 
@@ -88,16 +88,21 @@ def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
     return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
 
 
-def unsplit_selected_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int, full_width: bool):
-    """The selected branch's BlockMask over all query rows (no query splits), as its
-    FlexAttention call builds it: narrow lists with tuning.SEL_NARROW_LISTS, else from the tile
-    classification. idx [B, Hkv, T, n], table its selection_table. The visualiser reads this."""
+def selected_branch_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int, full_width: bool,
+                               q_splits: int = 1):
+    """The selected branch's BlockMask as its FlexAttention call builds it: narrow lists with
+    tuning.SEL_NARROW_LISTS, else from the tile classification; for ``q_splits`` chunks of query
+    tiles as batch entries (backends.attend's layout), the same tiles regrouped. idx [B, Hkv, T, n],
+    table its selection_table, mask_mod the unsplit one. The visualiser reads the unsplit mask."""
     B, H, T = idx.shape[:3]
     kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
-    if _narrow_lists(cfg, kb):
-        return selected_block_mask(idx, cfg.sel_block, group, qb, kb, mask_mod, full_width=full_width)
-    any_, all_ = selected_tiles(table, cfg.sel_block, group, qb, kb)
-    return block_mask_from_tiles(any_, all_, mask_mod, T * group, T, qb, kb, B, H)
+    if not _narrow_lists(cfg, kb):
+        return tiled_block_mask(lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_),
+                                mask_mod, B, H, T * group, T, qb, kb, q_splits)
+    if q_splits > 1:
+        mask_mod = split_mask_mod(mask_mod, q_splits, T * group // q_splits, B)
+    return selected_block_mask(idx, cfg.sel_block, group, qb, kb, mask_mod, full_width=full_width,
+                               narrow_q=bool(tuning.SEL_NARROW_Q_LISTS), q_splits=q_splits)
 
 
 def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
@@ -148,9 +153,9 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
         idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
     table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
     mask_mod = selected_mask(table, cfg.sel_block, group)
-    narrow = None   # else attend builds it from the tiles (query splits need that route)
+    narrow = None   # else attend builds it from the tiles
     if _narrow_lists(cfg, kb):
-        narrow = functools.partial(unsplit_selected_block_mask, idx, table, mask_mod, cfg, group,
+        narrow = functools.partial(selected_branch_block_mask, idx, table, mask_mod, cfg, group,
                                    full_width=qp.device.type == "cpu")
     out, lse = attend(qp, kh, vh, mask_mod,
                       lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
@@ -219,6 +224,8 @@ def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
 if torch.cuda.is_available():
     tuning.install_flex_backward_configs()
     tuning.fix_scalar_tree_block_shape()
+    if tuning.AUTOTUNE_BLOCKS:
+        tuning.cap_autotune_blocks()
     from . import score_kernel  # noqa: F401  (registers torch.ops.nsa_flex.selection_scores)
 
 

@@ -88,14 +88,16 @@ def _tuned(**kw):
     return ctx()
 
 
+@pytest.mark.parametrize("narrow", [0, 1])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_query_splits_and_one_position_tiles_match_dense(batch):
+def test_query_splits_and_one_position_tiles_match_dense(batch, narrow):
     """Selected branch with a one-position query tile (G = 16 rows) and query splits, sliding
     branch with query splits: compiled FlexAttention (CPU forward) equals the dense path. At
-    batch 1 the chunks share k/v by broadcast; at batch 2 each chunk gets a copy."""
+    batch 1 the chunks share k/v by broadcast; at batch 2 each chunk gets a copy. The selected
+    BlockMask from the tiles, and from the block numbers (narrow lists) in the split layout."""
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
-    _compiled_matches_dense(cfg, batch, 256, 16, 1, seed=5,
-                            SEL_Q_BLOCK=16, SEL_NARROW_LISTS=0, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
+    _compiled_matches_dense(cfg, batch, 256, 16, 1, seed=5, SEL_Q_BLOCK=16, SEL_NARROW_LISTS=narrow,
+                            SEL_NARROW_Q_LISTS=narrow, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
 def test_selected_as_forced_plus_rest_eager_flex_matches_dense():

@@ -88,7 +88,11 @@ def test_selected_blocks_from_indices(T, G, QB, KB, lp):
             assert torch.equal(states[:, :, m, c] > 0, touched)
 
 
-@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+# one position per query tile (G divisible by QB): the backward's partial lists are narrow too
+ONE_POSITION_SIZES = [(37, 16, 16, 16), (45, 32, 16, 16), (53, 16, 16, 32), (29, 4, 4, 16)]
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES + ONE_POSITION_SIZES)
 @pytest.mark.parametrize("lp", [16, 32, 64])
 def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
     """selected_block_mask (narrow KV lists, sorted pairs for the query side) lists the same
@@ -111,7 +115,58 @@ def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
     for transposed in (False, True):
         assert torch.equal(M.tile_states(got, transposed), M.tile_states(want, transposed))
     assert got.kv_indices.shape[-1] == positions_per_tile_w(QB, G, n, lp // KB)
+    Mq = -(-T * G // QB)
+    assert got.q_indices.shape[-1] == Mq
+    narrow = M.selected_block_mask(idx, lp, G, QB, KB, mm, narrow_q=True)
+    assert narrow.q_indices.shape[-1] == (KB * G // QB if G % QB == 0 else Mq)
+    assert narrow.full_q_indices.shape[-1] == Mq
+    padded = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_width=True, narrow_q=True)
+    assert padded.q_indices.shape[-1] == Mq
+    for bm in (narrow, padded):
+        for transposed in (False, True):
+            assert torch.equal(M.tile_states(bm, transposed), M.tile_states(want, transposed))
+        check_block_mask(bm, M.computed_mask(want))
     check_block_mask(got, M.computed_mask(want))
+
+
+def random_selection(B, H, T, n, Ts, lp, seed):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
+    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
+    idx[:, :, :, 0] = 0                        # the first block serves every position
+    idx = torch.sort(idx, -1).values
+    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
+    return idx
+
+
+@pytest.mark.parametrize("T,G,QB,KB,lp,S", [(64, 16, 16, 16, 16, 4), (48, 16, 16, 32, 64, 3),
+                                             (40, 4, 16, 16, 32, 2), (36, 8, 8, 16, 16, 6)])
+@pytest.mark.parametrize("narrow_q", [False, True])
+@pytest.mark.parametrize("full_width", [False, True])
+def test_selected_lists_split_into_query_chunks(T, G, QB, KB, lp, S, narrow_q, full_width):
+    """Chunk c of the split mask (batch entry c·B + b) lists what the unsplit mask lists for
+    its query tiles, the query-side lists numbered within the chunk."""
+    B, H, n = 2, 2, 3
+    Ts = -(-T // lp)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T + S)
+    table = M.selection_table(idx, Ts)
+    mm = M.selected_mask(table, lp, G)
+    whole = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_width=full_width, narrow_q=narrow_q)
+    from nsa_flex.backends import split_mask_mod
+    split = M.selected_block_mask(idx, lp, G, QB, KB, split_mask_mod(mm, S, T * G // S, B),
+                                  full_width=full_width, narrow_q=narrow_q, q_splits=S)
+    rows = -(-T * G // QB) // S
+    assert split.kv_num_blocks.shape[:3] == (S * B, H, rows)
+    for transposed in (False, True):
+        got, want = M.tile_states(split, transposed), M.tile_states(whole, transposed)
+        for c in range(S):
+            assert torch.equal(got[c * B:(c + 1) * B], want[:, :, c * rows:(c + 1) * rows]), (c, transposed)
+    spec = M.computed_mask(whole)                        # [B, H, T·G, T]
+    chunks = torch.cat(spec.chunk(S, dim=2), dim=0)      # the split layout
+    check_block_mask(split, chunks)
+    bad = -(-T * G // QB) + 1                            # more chunks than query tiles
+    with pytest.raises(ValueError, match=f"q_splits={bad}"):
+        M.selected_block_mask(idx, lp, G, QB, KB, mm, q_splits=bad)
 
 
 def positions_per_tile_w(QB, G, n, R):

@@ -3,7 +3,7 @@
 Every quantity comes from the operator's own pieces: the compressed-branch log-sum-exp from the
 dense path of ``nsa_flex.backends`` under ``masks.compressed_mask`` (split into row chunks so that
 long sequences fit), the selection from ``nsa_flex.selection.select_blocks``, the selected
-branch's BlockMask from ``operator.unsplit_selected_block_mask`` (the one its FlexAttention call
+branch's BlockMask from ``operator.selected_branch_block_mask`` (the one its FlexAttention call
 gets) read back with ``masks.readback.tile_states``, and the token patterns from the branches' mask_mods. Long
 sequences never produce a dense T x T tensor: masks are evaluated in row chunks and either
 reduced to counts or max-pooled to the picture size on the fly.
@@ -20,7 +20,7 @@ from masks import compressed_mask, heads_first, pack_gqa, selected_mask, selecti
 from masks.readback import FULL, PARTIAL, SKIPPED, tile_states
 from nsa_flex.backends import dense_attention
 from nsa_flex.config import NSAConfig
-from nsa_flex.operator import unsplit_selected_block_mask
+from nsa_flex.operator import selected_branch_block_mask
 from nsa_flex.selection import select_blocks, selection_scores
 
 __all__ = [
@@ -276,8 +276,8 @@ def selected_block_mask(idx4: torch.Tensor, table4: torch.Tensor, cfg: NSAConfig
     """The selected branch's BlockMask of one KV head (idx4 [1, 1, T, n] block numbers, table4
     their selection_table), the one ``operator.selected_branch`` gives FlexAttention (without
     query splits)."""
-    return unsplit_selected_block_mask(idx4, table4, selected_mask(table4, cfg.sel_block, group),
-                                       cfg, group, full_width=False)
+    return selected_branch_block_mask(idx4, table4, selected_mask(table4, cfg.sel_block, group),
+                                      cfg, group, full_width=False)
 
 
 @dataclass
