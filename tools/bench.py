@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from masks import pack_gqa
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
+from nsa_flex.backends import effective_splits
 from nsa_flex.selection import select_blocks
 from masks import heads_first, selection_table, selected_mask
 
@@ -85,9 +86,14 @@ def wait_at_barrier():
         time.sleep(1)
 
 
+TIMED_ONCE = False  # this run has had its first timing turn
+
+
 @contextlib.contextmanager
 def timing_turn():
+    global TIMED_ONCE
     wait_at_barrier()
+    TIMED_ONCE = True
     if GPU_LOCK is None:
         yield
         return
@@ -99,6 +105,28 @@ def timing_turn():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def warmup_turn():
+    """Compiles, autotuning and first calls. Before this run's first timing turn they run
+    freely (runs sharing a card overlap their compiles, and the barrier holds every timing back
+    until all have compiled); after it — the next impl, T or config of the same run — they take
+    the lock too, so that one run's autotuning never shares the card with another's timing."""
+    if TIMED_ONCE:
+        with timing_turn():
+            yield
+    else:
+        yield
+
+
+def timed_ms(fn):
+    """bench_ms of ``fn`` after a first (compiling) call in a warm-up turn."""
+    with warmup_turn():
+        fn()
+        torch.cuda.synchronize()
+    with timing_turn():
+        return bench_ms(fn)
+
+
 def fwd_and_fwdbwd(run, leaves, extra=None):
     """run() -> output tensor. Returns dict with fwd_ms, fwdbwd_ms, peak_mem_mib (and whatever
     ``extra(run)`` returns, measured in the same timing turn). Compiles (grad and no-grad)
@@ -107,19 +135,20 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
         with torch.no_grad():
             run()
 
-    o = run()
-    do = torch.randn_like(o)
+    with warmup_turn():
+        o = run()
+        do = torch.randn_like(o)
 
-    def fwdbwd():
-        for x in leaves:
-            x.grad = None
-        run().backward(do)
+        def fwdbwd():
+            for x in leaves:
+                x.grad = None
+            run().backward(do)
 
-    fwdbwd()
-    finite = bool(torch.isfinite(o).all()) and all(
-        bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
-    fwd()
-    torch.cuda.synchronize()
+        fwdbwd()
+        finite = bool(torch.isfinite(o).all()) and all(
+            bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
+        fwd()
+        torch.cuda.synchronize()
     with timing_turn():
         row = {"fwd_ms": bench_ms(fwd), "fwdbwd_ms": bench_ms(fwdbwd), "peak_mem_mib": peak_mib(fwdbwd)}
         if extra is not None:
@@ -148,7 +177,8 @@ def ours(x, cfg, sliding, fla_pool, profile=False):
 def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
     """Memory of the selected branch's BlockMask (one layer, one call) as the operator builds it
     on CUDA: int32 KV lists [B, Hkv, Mq, W] (partial and full; W = Nkv, or P·n·l'/kv_block with
-    tuning.SEL_NARROW_LISTS), their transposes [B, Hkv, Nkv, Mq] for the backward, and the four
+    tuning.SEL_NARROW_LISTS), their transposes [B, Hkv, Nkv, Mq] for the backward (the partial
+    one kv_block·G/q_block wide with SEL_NARROW_Q_LISTS and one position per tile), and the four
     count vectors; plus the forced part's mask with SEL_FORCED_STATIC. Query splits only regroup
     them."""
     from masks.selected import positions_per_tile
@@ -161,7 +191,9 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
     for q_block, kv_block, narrow in parts:
         Mq, Nkv = -(-T * G // q_block), -(-T // kv_block)
         W = positions_per_tile(q_block, G) * cfg.sel_topn * (cfg.sel_block // kv_block) if narrow else Nkv
-        total += 4 * batch * Hkv * (2 * Mq * W + 2 * Nkv * Mq + 2 * Mq + 2 * Nkv)
+        Wq = (kv_block * G // q_block if narrow and op.tuning.SEL_NARROW_Q_LISTS and G % q_block == 0
+              else Mq)                                                   # partial query lists
+        total += 4 * batch * Hkv * (2 * Mq * W + Nkv * (Mq + Wq) + 2 * Mq + 2 * Nkv)
     return round(total / 2**20, 1)
 
 
@@ -216,16 +248,17 @@ def parts(x, cfg):
     out["compressed"] = fwd_and_fwdbwd(lambda: cmp_fn(qp, kc_, vc_)[0], [qp, kc_, vc_])
     with torch.no_grad():
         _, lse = cmp_fn(qp, kc, vc)
-    out["scoring_topn"] = {"fwd_ms": bench_ms(lambda: sel_fn(qp.detach(), kc, lse))}
+    out["scoring_topn"] = {"fwd_ms": timed_ms(lambda: sel_fn(qp.detach(), kc, lse))}
     idx = sel_fn(qp.detach(), kc, lse)
 
     def build(idx):   # the selected branch's BlockMask as its FlexAttention call gets it
         table = selection_table(idx, cfg.num_sel_blocks(T))
-        bm = op.unsplit_selected_block_mask(idx, table, selected_mask(table, cfg.sel_block, G), cfg,
-                                            G, full_width=False)
+        S = effective_splits(op.tuning.Q_SPLITS.get("slc", 1), T * G, op.tuning.sel_q_block())
+        bm = op.selected_branch_block_mask(idx, table, selected_mask(table, cfg.sel_block, G), cfg,
+                                           G, full_width=False, q_splits=S)
         return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
     build_fn = comp(build)
-    out["mask_build"] = {"fwd_ms": bench_ms(lambda: build_fn(idx))}
+    out["mask_build"] = {"fwd_ms": timed_ms(lambda: build_fn(idx))}
     kvn, kvi, qn, qi = build_fn(idx)
     out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in (kvn, kvi, qn, qi)) * 2 / 2**20
     out["mask_build"]["mean_kv_tiles_per_q_tile"] = kvn.float().mean().item()
