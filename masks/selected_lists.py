@@ -8,9 +8,8 @@ positions' blocks, computed directly and stored W wide; the query-side lists of 
 come from the tile map those lists imply, as wide as the query tiles — except the partial ones
 when a tile holds one position (G divisible by q_block) and ``narrow_q`` is set: then only
 diagonal tiles are partial, and KV tile j's partial list is the kv_block·G/q_block tiles of its
-own positions at most. The tiles and
-their full/partial states are the same as the generic route's, so FlexAttention computes the
-same pairs:
+own positions at most. The tiles and their full/partial states are the same as the generic
+route's, so FlexAttention computes the same pairs:
 
     positions 8..11 of a 4-position tile, l' = kv_block = 4, blocks (−1 unused):
       t=8: 0 2 -1     t=9: 0 2 1     t=10: 0 2 -1     t=11: 0 2 -1
