@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from masks import (block_mask_from_tiles, compressed_mask, compressed_tiles, forced_blocks_mask,
+from masks import (compressed_mask, compressed_tiles, forced_blocks_mask,
                    forced_blocks_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
                    selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
                    tile_keys, tile_positions, unpack_gqa, without_forced)

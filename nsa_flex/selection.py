@@ -91,14 +91,20 @@ def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch
     return pool_to_selection_blocks(p, cfg, Ts)                 # eq. 9
 
 
+def _sliced(need: int, total: int) -> int:
+    """``need`` of ``total`` columns rounded up to a multiple of ceil(total / SCORE_CAUSAL_SLICES),
+    so that at most that many chunk shapes exist (each compiles its own kernels)."""
+    step = -(-total // tuning.SCORE_CAUSAL_SLICES)
+    return min(total, -(-need // step) * step)
+
+
 def _visible_k_cmp(k_cmp: torch.Tensor, cfg: NSAConfig, t1: int) -> torch.Tensor:
     """The compressed keys that positions before t1 can see (eq. 8 gives the others 0), rounded
     up to one of tuning.SCORE_CAUSAL_SLICES lengths; all of them when that knob is 0."""
-    Tc, slices = k_cmp.shape[2], tuning.SCORE_CAUSAL_SLICES
-    if not slices or Tc == 0:
+    Tc = k_cmp.shape[2]
+    if not tuning.SCORE_CAUSAL_SLICES or Tc == 0:
         return k_cmp
-    step = -(-Tc // slices)
-    return k_cmp[:, :, :min(Tc, -(-cfg.num_cmp_blocks(t1) // step) * step)]
+    return k_cmp[:, :, :_sliced(cfg.num_cmp_blocks(t1), Tc)]
 
 
 def _visible_sel_blocks(cfg: NSAConfig, t1: int, Ts: int) -> int:
@@ -106,11 +112,9 @@ def _visible_sel_blocks(cfg: NSAConfig, t1: int, Ts: int) -> int:
     tuning.TOPN_CAUSAL (and SCORE_CAUSAL_SLICES > 0) its candidates j·l' ≤ t1 − 1, rounded up
     to one of SCORE_CAUSAL_SLICES lengths; else all Ts. Later blocks are never candidates, so the
     selection is the same."""
-    slices = tuning.SCORE_CAUSAL_SLICES
-    if not (tuning.TOPN_CAUSAL and slices) or t1 <= 0:
+    if not (tuning.TOPN_CAUSAL and tuning.SCORE_CAUSAL_SLICES) or t1 <= 0:
         return Ts
-    step = -(-Ts // slices)
-    return min(Ts, -(-((t1 - 1) // cfg.sel_block + 1) // step) * step)
+    return _sliced((t1 - 1) // cfg.sel_block + 1, Ts)
 
 
 @torch.no_grad()
