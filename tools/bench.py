@@ -256,12 +256,13 @@ def parts(x, cfg):
         S = effective_splits(op.tuning.Q_SPLITS.get("slc", 1), T * G, op.tuning.sel_q_block())
         bm = op.selected_branch_block_mask(idx, table, selected_mask(table, cfg.sel_block, G), cfg,
                                            G, full_width=False, q_splits=S)
-        return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
+        return (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
     build_fn = comp(build)
     out["mask_build"] = {"fwd_ms": timed_ms(lambda: build_fn(idx))}
-    kvn, kvi, qn, qi = build_fn(idx)
-    out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in (kvn, kvi, qn, qi)) * 2 / 2**20
-    out["mask_build"]["mean_kv_tiles_per_q_tile"] = kvn.float().mean().item()
+    lists = build_fn(idx)
+    out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in lists) / 2**20
+    out["mask_build"]["mean_kv_tiles_per_q_tile"] = (lists[0] + lists[2]).float().mean().item()
     k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
     slc_fn = comp(lambda qp, k, v, idx: op.selected_branch(qp, k, v, idx, cfg, G, scale, True))
     out["selected"] = fwd_and_fwdbwd(lambda: slc_fn(qp, k_, v_, idx), [qp, k_, v_])
@@ -299,7 +300,6 @@ def fla(x, cfg):
 def run_variants(a) -> None:
     """One child process per variant (this script with --tune and a shared --gpu-lock), then one
     JSON with every row tagged by its variant, and one table."""
-    import os
     import subprocess
     import sys
     import tempfile
