@@ -36,7 +36,32 @@ def check_job_config(job_config: JobConfig) -> None:
     """
     import copy
 
+    import torch
+
     copy.deepcopy(nsa_flavors[job_config.model.flavor]).configure(job_config, log=False)
+    check_compile_with_checkpointing(job_config, flex=torch.cuda.is_available())
+
+
+def check_compile_with_checkpointing(job_config: JobConfig, flex: bool) -> None:
+    """Refuse activation checkpointing inside a compiled model where NSA runs FlexAttention.
+
+    Measured on an H100 (torch 2.11, the 1b flavor at 8k and 32k): with ``compile.components``
+    holding "model" and any ``activation_checkpoint.mode`` but "none" (selective or full), the
+    gradients are wrong: the grad norm is 40-6000 at step 1 (2-3 with the same model eager, or
+    compiled without checkpointing) and overflows within a few steps. The recompute of the
+    operator inside the compiled backward is what breaks; no tuning knob changes it (NOTES.md).
+    On CPU the operator runs its dense path and is not affected.
+    """
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    mode = job_config.activation_checkpoint.mode
+    if flex and compile_model and mode != "none":
+        raise ValueError(
+            f"activation_checkpoint.mode={mode!r} with compile.components="
+            f"{list(job_config.compile.components)!r}: recomputing the NSA operator inside the "
+            "compiled model gives wrong gradients on GPU (the grad norm grows without bound). "
+            "Keep checkpointing and compile the loss only (--compile.components loss; the NSA "
+            "operator is still compiled on its own), or turn checkpointing off "
+            "(--activation_checkpoint.mode none).")
 
 
 def build_nsa_tokenizer(job_config: JobConfig) -> BaseTokenizer:

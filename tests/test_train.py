@@ -97,3 +97,26 @@ def test_prepare_argv_defaults():
     assert "nsa_flex.job_config" in argv
     argv = launcher.prepare_argv(["--job.config_file=configs/100m.toml"])
     assert argv.count("--job.config_file") == 0 and "--job.config_file=configs/100m.toml" in argv
+
+
+def _job_config(*args: str):
+    from torchtitan.config.manager import ConfigManager
+
+    return ConfigManager().parse_args(["--job.config_file", str(REPO / "configs/1b.toml"), *args])
+
+
+def test_compiled_model_with_checkpointing_is_refused_where_flex_runs():
+    from nsa_flex.titan import check_compile_with_checkpointing
+
+    shipped = _job_config()
+    assert shipped.activation_checkpoint.mode == "selective"
+    check_compile_with_checkpointing(shipped, flex=True)        # the 1b config as shipped runs
+    for ac in ("selective", "full"):
+        bad = _job_config("--compile.components", "model,loss", "--activation_checkpoint.mode", ac)
+        with pytest.raises(ValueError, match=rf"activation_checkpoint.mode='{ac}' with "
+                           r"compile.components=\['model', 'loss'\].*--compile.components loss"):
+            check_compile_with_checkpointing(bad, flex=True)
+        check_compile_with_checkpointing(bad, flex=False)       # the CPU dense path is not affected
+    check_compile_with_checkpointing(
+        _job_config("--compile.components", "model,loss", "--activation_checkpoint.mode", "none"),
+        flex=True)
