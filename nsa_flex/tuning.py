@@ -23,11 +23,11 @@ SEL_Q_BLOCK: int | None = 16
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
 # cmp = 8: the compressed branch's first KV tiles serve every query; measured on an H100 at 8k
 # (paper config, D=128) its backward kernel went 3.9 -> 1.2 ms, the operator 29.4 -> 26.7 ms.
-# slc: with 16-row selected tiles at 64k the first block's dK/dV program loops over all 65536
-# query tiles (every position selects it), likely the critical path of the selected backward
-# (90 ms vs 24.5 forward); 8 would cut that loop 8-fold. Untimed (an earlier split of the
-# generic route crashed on the GPU; the narrow builder's split is new), so 1.
-Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 1, "swa": 1, "forced": 8}
+# slc = 8: with 16-row selected tiles the first block's dK/dV program loops over every query
+# tile (every position selects that block). Measured on an H100 at 64k (paper config, D=128):
+# 225.1 ms fwd+bwd (cuDNN 441.5 in the same process) vs 240.9 with 1 (an earlier call, cuDNN
+# 445.0 there); +1.0 GiB peak. GPU gradient check passed (T=2048, Hq=32, Hkv=2, D=64).
+Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 8, "swa": 1, "forced": 8}
 # 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
 # so that no query tile's dynamic list holds the first block, which every tile uses. Measured on
@@ -37,14 +37,17 @@ SEL_FORCED_STATIC = 0
 # 1: build the selected BlockMask from the block numbers with KV lists P·n wide (P positions per
 # query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py). On (see
 # SEL_Q_BLOCK for the measurement). With Q_SPLITS["slc"] > 1 it builds the split layout itself
-# (tested on CPU against the unsplit lists; not yet run on a GPU).
+# (tested on CPU against the unsplit lists; GPU gradient check passed with 8).
 SEL_NARROW_LISTS = 1
 # 1: with SEL_NARROW_LISTS and one position per selected tile (G divisible by SEL_Q_BLOCK), the
 # backward's partial query lists hold only the kv_block·G/q_block tiles of each KV tile's own
 # positions (the diagonal: the only partial tiles then) instead of all T·G/q_block: at 64k with
 # 16-row tiles the selected BlockMask goes from 2082 to 1059 MiB per layer, and two [Nkv, Mq]
-# prefix-count passes go away. Same lists (tested against the generic route on CPU); not yet
-# compiled on a GPU, so 0.
+# prefix-count passes go away. Same lists (tested against the generic route on CPU), but on a
+# GPU the backward is wrong: the GPU gradient check (H100, torch 2.11, T=2048, Hq=32, Hkv=2,
+# D=64) gave dK/dV errors of 32 and 17 (relative) with out and dQ right. Not understood yet
+# (lead: the FlexAttention backward may assume query lists as wide as the query tile count);
+# the operator refuses it on CUDA. 0.
 SEL_NARROW_Q_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
@@ -57,7 +60,8 @@ SCORE_CAUSAL_SLICES = 4
 # 1 (with SCORE_CAUSAL_SLICES > 0): each chunk also pools and ranks (top-n) only the selection
 # blocks its positions can have (j·l' before the chunk's end), rounded the same way, instead of
 # all Ts. Same selection. At 64k the top-n is 18.6 ms of radix select over 1024 blocks, of which
-# ~40% are past the chunk's end on average with 4 slices. Untimed on a GPU, so 0.
+# ~40% are past the chunk's end on average with 4 slices. On a GPU it ran only together with
+# SEL_NARROW_Q_LISTS (forward output right to 2e-7 in the gradient check; not timed alone), so 0.
 TOPN_CAUSAL = 0
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
 # writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
@@ -70,8 +74,10 @@ SCORE_KERNEL = 0
 # KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured
 # 8.2 s a run, and the compile ran out of a 570 s call). This caps those fake counts at this
 # many blocks (FlexAttention's own comment intends 16). Changes only which config is picked and
-# how long the compile takes, never a result. Not yet run on a GPU, so 0 (and then Inductor is
-# left untouched: the cap is installed at import or by apply() only when this is set).
+# how long the compile takes, never a result. With 16 the GPU gradient check passed (T=4096,
+# Dk=192) and 128k compiled and ran (660.5 ms fwd+bwd; 522 s wall, compile included; H100); at 64k it
+# is untimed (the configs it picks may be slower), so 0 (and then Inductor is left untouched:
+# the cap is installed at import or by apply() only when this is set).
 AUTOTUNE_BLOCKS = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.

@@ -15,9 +15,10 @@ def restore():
 
 
 def test_apply_sets_knobs_and_dict_entries(restore):
+    slc = tuning.Q_SPLITS["slc"]
     got = tuning.apply(["SEL_Q_BLOCK=16", "Q_SPLITS.cmp=3", "SEL_KV_BLOCK=None"])
     assert tuning.SEL_Q_BLOCK == 16 and tuning.sel_q_block() == 16
-    assert tuning.Q_SPLITS["cmp"] == 3 and tuning.Q_SPLITS["slc"] == 1
+    assert tuning.Q_SPLITS["cmp"] == 3 and tuning.Q_SPLITS["slc"] == slc
     assert tuning.SEL_KV_BLOCK is None
     assert got["Q_SPLITS"]["cmp"] == 3 and got["Q_BLOCK"] == 128
     for bad in ("NOPE=1", "SEL_Q_BLOCK", "apply=1", "SEL_Q_BLOCK=x"):
@@ -115,3 +116,14 @@ def test_autotune_block_counts_capped_only_when_asked(restore, monkeypatch):
     wrapped = flex_attention.create_num_blocks_fake_generator
     assert wrapped is not original and wrapped._nsa_flex_cap
     assert common.create_num_blocks_fake_generator is wrapped
+
+
+def test_knob_that_failed_the_gpu_check_is_refused_on_cuda(restore):
+    from nsa_flex.operator import refuse_unchecked_knobs
+
+    tuning.apply(["SEL_NARROW_Q_LISTS=1"])
+    with pytest.raises(ValueError, match="SEL_NARROW_Q_LISTS=1 gives wrong dK/dV on CUDA.*set it to 0"):
+        refuse_unchecked_knobs("cuda")
+    refuse_unchecked_knobs("cpu")                 # the CPU path (dense, forward-only flex tests) is fine
+    tuning.apply(["SEL_NARROW_Q_LISTS=0"])
+    refuse_unchecked_knobs("cuda")
