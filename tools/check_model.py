@@ -1,0 +1,146 @@
+"""Does the compiled model with activation checkpointing compute the eager model's gradients?
+
+Builds a small ``nsa`` model (the 1b flavor's block sizes and 16 query heads per KV head, fewer
+and narrower layers), takes one loss gradient eagerly without checkpointing (the reference), then
+again for each ``--ac`` mode with torchtitan's own ``apply_ac`` and per-block ``apply_compile``,
+and prints each run's grad norm and the worst relative error over the parameters. Exits 1 when
+an error exceeds ``--tol``. Every run uses the FlexAttention path of the operator.
+
+    python tools/check_model.py --out model.json                    # CUDA: Inductor
+    python tools/check_model.py --backend aot_eager                 # graph capture only
+
+On GPU (H100, torch 2.11, bf16 training runs) compiling the model together with checkpointing
+gave wrong gradients; ``nsa_flex.titan.check_compile_with_checkpointing`` refuses it. This tool
+is for finding the cause. On CPU the FlexAttention backward exists only as eager math, which
+torch refuses by a device check before it runs; the tool lifts that check (CPU only) so the
+graph capture, the partitioning into forward and backward and the recompute can be checked
+there with ``aot_eager`` (Inductor has no CPU FlexAttention backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+
+import torch
+
+
+def build(args):
+    import torchtitan  # noqa: F401  (the model imports its protocols)
+    from nsa_flex.model import NSATransformer, nsa_flavors
+
+    a = copy.deepcopy(nsa_flavors["1b"])
+    a.dim, a.n_layers, a.n_heads, a.n_kv_heads = args.dim, args.layers, args.heads, args.kv_heads
+    a.vocab_size, a.max_seq_len, a.cmp_hidden = 512, max(1024, args.seq), 64
+    torch.manual_seed(args.seed)
+    m = NSATransformer(a)
+    with torch.no_grad():
+        m.init_weights()
+    return m
+
+
+def use_flex_everywhere(device: torch.device) -> None:
+    """The model calls the operator's FlexAttention path on this device too (on CPU the dense
+    path is the default, and torch's CPU check on the FlexAttention backward is lifted)."""
+    from nsa_flex import operator as op
+    import nsa_flex.model.model as mm
+
+    def flex_nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa=None, v_swa=None, return_indices=False):
+        op._check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
+        return op._nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices,
+                       use_flex=True)
+
+    mm.nsa_attention = flex_nsa
+    if device.type == "cpu":
+        import torch.nn.attention.flex_attention as fa
+
+        fa._validate_device = lambda *a, **k: None
+
+
+def gradients(model, x, y) -> dict[str, torch.Tensor]:
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    strip = lambda n: n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+    return {strip(n): p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def compare(ref: dict, got: dict) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for n, g in ref.items():
+        e = ((got[n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+        if e > worst or e != e:
+            worst, where = e, n
+    return worst, where
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
+                    choices=["none", "selective", "full"])
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on "
+                    "CUDA, aot_eager on CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--tol", type=float, default=None,
+                    help="largest relative gradient error accepted (default 1e-4 fp32, 3e-2 bf16)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.seq % 64 or args.seq < 128:
+        ap.error(f"--seq {args.seq}: use a multiple of 64, at least 128")
+    if args.heads % args.kv_heads:
+        ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = args.backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    if device.type == "cpu" and backend == "inductor":
+        ap.error("--backend inductor needs CUDA: Inductor has no CPU FlexAttention backward")
+    dtype = getattr(torch, args.dtype)
+    tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    from torchtitan.config.job_config import ActivationCheckpoint, Compile
+    from torchtitan.distributed.activation_checkpoint import apply_ac
+    from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
+
+    use_flex_everywhere(device)
+    base = build(args).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x, y = (torch.randint(0, 512, (1, args.seq), generator=gen).to(device) for _ in range(2))
+    ref = gradients(copy.deepcopy(base), x, y)
+    ref_norm = torch.sqrt(sum(g.pow(2).sum() for g in ref.values())).item()
+    print(f"eager, no checkpointing: grad norm {ref_norm:.6g}", flush=True)
+    rows, ok = [], True
+    for ac in args.ac:
+        m = copy.deepcopy(base)
+        if ac != "none":
+            apply_ac(m, ActivationCheckpoint(mode=ac, selective_ac_option="op"),
+                     model_compile_enabled=True, op_sac_save_list=_op_sac_save_list)
+        apply_compile(m, Compile(enable=True, components=["model"], backend=backend))
+        got = gradients(m, x, y)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in got.values())).item()
+        worst, where = compare(ref, got)
+        good = worst <= tol
+        ok &= good
+        rows.append(dict(ac=ac, backend=backend, grad_norm=norm, worst_rel_err=worst, worst_param=where,
+                         ok=good))
+        print(f"compiled ({backend}), AC {ac}: grad norm {norm:.6g}, worst relative error "
+              f"{worst:.3g} ({where}) {'ok' if good else 'WRONG'}", flush=True)
+    if args.out:
+        meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    torch=torch.__version__, dtype=args.dtype, seq=args.seq, layers=args.layers,
+                    dim=args.dim, heads=args.heads, kv_heads=args.kv_heads, tol=tol,
+                    reference_grad_norm=ref_norm)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
