@@ -257,3 +257,30 @@ def test_block_mask_lists_equal_torchs_own():
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         a, b = getattr(bm, name), getattr(ref, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def _selected_lists(idx, lp, G, QB, KB, narrow_q, S):
+    table = M.selection_table(idx, -(-idx.shape[2] // lp))
+    bm = M.selected_block_mask(idx, lp, G, QB, KB, M.selected_mask(table, lp, G), narrow_q=narrow_q,
+                               q_splits=S)
+    return (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+            bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("narrow_q", [False, True])
+def test_selected_lists_compiled_equal_eager(device, narrow_q):
+    """The builder compiled by Inductor (as inside the operator's graph) lists what it lists
+    eagerly: the counts, and each list up to its count. (On a GPU this separates a miscompiled
+    mask build from a kernel reading good lists wrongly.)"""
+    T, G, QB, KB, lp, n, S = 512, 16, 16, 32, 64, 6, 4
+    idx = random_selection(1, 2, T, n, -(-T // lp), lp, seed=3).to(device)
+    want = _selected_lists(idx, lp, G, QB, KB, narrow_q, S)
+    torch._dynamo.reset()
+    got = torch.compile(_selected_lists, fullgraph=True, dynamic=False)(idx, lp, G, QB, KB, narrow_q, S)
+    for k in range(0, 8, 2):
+        (wn, wi), (gn, gi) = want[k:k + 2], got[k:k + 2]
+        assert torch.equal(gn, wn), k
+        assert gi.shape == wi.shape, k
+        valid = torch.arange(wi.shape[-1], device=device) < wn[..., None]
+        assert torch.equal(torch.where(valid, gi, -1), torch.where(valid, wi, -1)), k
