@@ -31,6 +31,18 @@ def unpack_gqa(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     return x.view(B, Hkv, seq_len, G, D).permute(0, 2, 1, 3, 4).reshape(B, seq_len, Hkv * G, D)
 
 
+def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """[B, H, S·L, ...] -> [S·B, H, L, ...]: consecutive query rows become batch entries, chunk-
+    major (entry s·B + b is chunk s of batch b; at B = 1 FlexAttention can then broadcast k/v).
+    A concatenation, so that Inductor hands FlexAttention a plain 4-D buffer."""
+    return torch.cat(x.chunk(splits, dim=2), dim=0)
+
+
+def merge_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
+    """Inverse of :func:`split_rows`."""
+    return torch.cat(x.chunk(splits, dim=0), dim=2)
+
+
 def heads_first(x: torch.Tensor) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, T, D] (keys and values; no copy)."""
     return x.transpose(1, 2)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from .block_mask import ordered_lists
-from .packing import tile_positions
+from .packing import split_rows, tile_positions
 from .selected import positions_per_tile
 
 
@@ -39,7 +39,7 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     q_block; else, or with ``full_width``, as wide as the query tiles).
 
     ``q_splits`` = S > 1: the mask of S consecutive chunks of query tiles as batch entries
-    s·B + b (chunk-major, as ``nsa_flex.backends.split_rows`` lays out the queries), each over all
+    s·B + b (chunk-major, as :func:`masks.packing.split_rows` lays out the queries), each over all
     T keys, with query-side lists numbered within the chunk; ``mask_mod`` must already take the
     split layout. The query tiles must divide evenly into S chunks."""
     if sel_block % kv_block:
@@ -78,7 +78,7 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     cols = s.clamp(max=Nkv - 1).to(torch.int32)      # entries past a list's count stay in range
 
     def by_chunk(x):                                 # [B, H, Mq, ...] -> [S·B, H, Mq / S, ...]
-        return torch.cat(x.chunk(S, dim=2), dim=0) if S > 1 else x
+        return split_rows(x, S) if S > 1 else x
 
     def kv_lists(flag):                              # the listed KV tiles first, ascending
         num, order = ordered_lists(flag)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as _flex
 
-from masks import block_mask_from_tiles, dense_mask
+from masks import block_mask_from_tiles, dense_mask, merge_rows, split_rows
 
 from . import tuning
 
@@ -73,18 +73,6 @@ def dense_in_chunks(q, k, v, mask_mod, scale: float, need_lse: bool = True):
     if len(outs) == 1:
         return outs[0], lses[0]
     return torch.cat(outs, 2), (torch.cat(lses, 2) if lses[0] is not None else None)
-
-
-def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
-    """[B, H, S·L, ...] -> [S·B, H, L, ...]: consecutive query rows become batch entries, chunk-
-    major (entry s·B + b is chunk s of batch b; at B = 1 FlexAttention can then broadcast k/v).
-    A concatenation, so that Inductor hands FlexAttention a plain 4-D buffer."""
-    return torch.cat(x.chunk(splits, dim=2), dim=0)
-
-
-def merge_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
-    """Inverse of :func:`split_rows`."""
-    return torch.cat(x.chunk(splits, dim=0), dim=2)
 
 
 def split_mask_mod(mask_mod, splits: int, rows: int, batch: int):
