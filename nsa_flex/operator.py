@@ -88,9 +88,10 @@ def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
     return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
 
 
-def refuse_unchecked_knobs(device_type: str) -> None:
-    """Stop before compute on knobs whose GPU gradient check failed (see tuning)."""
-    if device_type == "cuda" and tuning.SEL_NARROW_Q_LISTS:
+def refuse_unchecked_knobs() -> None:
+    """Stop before compute on knobs whose GPU gradient check failed (see tuning); called where
+    the FlexAttention path runs on CUDA."""
+    if tuning.SEL_NARROW_Q_LISTS:
         raise ValueError("tuning.SEL_NARROW_Q_LISTS=1 gives wrong dK/dV on CUDA (failed the GPU "
                          "gradient check, see nsa_flex/tuning.py); set it to 0")
 
@@ -265,7 +266,7 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
     use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
     if use_flex:
-        refuse_unchecked_knobs(q.device.type)
+        refuse_unchecked_knobs()
     if use_flex and not torch.compiler.is_compiling():
         return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)
     return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, use_flex)

@@ -9,6 +9,7 @@ torchtitan at the CPU (``nsa_flex.cpu``).
 
 from __future__ import annotations
 
+import torch
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -35,8 +36,6 @@ def check_job_config(job_config: JobConfig) -> None:
     the tokenizer builder) so that a bad configuration fails before any data is prepared.
     """
     import copy
-
-    import torch
 
     copy.deepcopy(nsa_flavors[job_config.model.flavor]).configure(job_config, log=False)
     check_compile_with_checkpointing(job_config, flex=torch.cuda.is_available())

@@ -41,9 +41,10 @@ def build(args):
     return m
 
 
-def use_flex_everywhere(device: torch.device) -> None:
-    """The model calls the operator's FlexAttention path on this device too (on CPU the dense
-    path is the default, and torch's CPU check on the FlexAttention backward is lifted)."""
+def use_flex_on_cpu() -> None:
+    """On CPU the model calls the operator's FlexAttention path (its default there is the dense
+    path), and torch's CPU check on the FlexAttention backward is lifted. On CUDA nothing changes:
+    the model calls ``nsa_attention`` as in training."""
     from nsa_flex import operator as op
     import nsa_flex.model.model as mm
 
@@ -53,10 +54,9 @@ def use_flex_everywhere(device: torch.device) -> None:
                        use_flex=True)
 
     mm.nsa_attention = flex_nsa
-    if device.type == "cpu":
-        import torch.nn.attention.flex_attention as fa
+    import torch.nn.attention.flex_attention as fa
 
-        fa._validate_device = lambda *a, **k: None
+    fa._validate_device = lambda *a, **k: None
 
 
 def gradients(model, x, y) -> dict[str, torch.Tensor]:
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     from torchtitan.distributed.activation_checkpoint import apply_ac
     from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list, apply_compile
 
-    use_flex_everywhere(device)
+    if device.type == "cpu":
+        use_flex_on_cpu()
     base = build(args).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(args.seed + 1)
     x, y = (torch.randint(0, 512, (1, args.seq), generator=gen).to(device) for _ in range(2))
