@@ -126,7 +126,7 @@ def test_knob_that_failed_the_gpu_check_is_refused_on_cuda(restore):
     with pytest.raises(ValueError, match="SEL_NARROW_Q_LISTS=1 gives wrong dK/dV on CUDA.*set it to 0"):
         refuse_unchecked_knobs()
     # the CPU path (dense) runs with it
-    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, sel_topn=2, window=16)
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=16, sel_topn=3, window=16)
     T, Tc = 64, cfg.num_cmp_blocks(64)
     x = lambda *s: torch.randn(*s)
     out = nsa_attention(x(1, T, 4, 8), x(1, T, 1, 8), x(1, T, 1, 8), x(1, Tc, 1, 8), x(1, Tc, 1, 8),
