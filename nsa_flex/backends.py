@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import flex_attention as _flex
+from torch.nn.attention.flex_attention import BlockMask
 
 from masks import block_mask_from_tiles, dense_mask, merge_rows, split_rows
 
@@ -75,6 +76,40 @@ def dense_in_chunks(q, k, v, mask_mod, scale: float, need_lse: bool = True):
     return torch.cat(outs, 2), (torch.cat(lses, 2) if lses[0] is not None else None)
 
 
+_LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+          "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+@torch.library.custom_op("nsa_flex::contiguous_copies", mutates_args=())
+def contiguous_copies(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Row-major copies that Inductor cannot lay out otherwise (an opaque op's outputs keep the
+    strides its fake gives)."""
+    return [x.clone(memory_format=torch.contiguous_format) for x in xs]
+
+
+@contiguous_copies.register_fake
+def _(xs):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+def fixed_layout(bm: BlockMask, backward: bool = True) -> BlockMask:
+    """The same BlockMask with every list a row-major buffer; where no ``backward`` follows,
+    only the KV lists, which the forward kernel reads (the query lists, unread then, stay as they
+    are, so that Inductor need not compute them).
+
+    FlexAttention's Triton kernels read list (b, h, m) at (b·H + h)·stride(1) + m·stride(2) and
+    step along the last dimension by 1: they assume a row-major layout. A list computed inside a
+    compiled graph and consumed only there (so with activation checkpointing, which recomputes
+    it) gets whatever layout Inductor picks; measured on an H100 (torch 2.11), the query-split
+    KV lists [8, 1, 64, 16] came out with strides (1024, 8192, 16, 1), a legal layout for a
+    size-1 head dimension that the kernel read past its end (illegal memory access), and with
+    two KV heads the gradients were wrong. Copies through an opaque op pin the layout."""
+    present = [n for n in (_LISTS if backward else _LISTS[:4]) if getattr(bm, n) is not None]
+    copies = dict(zip(present, contiguous_copies([getattr(bm, n) for n in present])))
+    return BlockMask(bm.seq_lengths, *(copies.get(n, getattr(bm, n)) for n in _LISTS),
+                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod)
+
+
 def split_mask_mod(mask_mod, splits: int, rows: int, batch: int):
     """The mask_mod of entry b = s·batch + b0 (chunk s of batch b0), whose query rows start at
     s·rows."""
@@ -123,6 +158,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         bm = block_mask(q_splits=S)
     else:
         bm = tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
+    bm = fixed_layout(bm, backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
     if S > 1:
         q = split_rows(q, S)
         if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1

@@ -173,3 +173,47 @@ def test_compressed_branch_with_query_splits_eager_flex_matches_dense():
     assert ((o1 - o0).norm() / o0.norm()).item() < 1e-5
     assert (l1[rows] - l0[rows]).abs().max().item() < 1e-4
     assert tuning.Q_SPLITS == default
+
+
+def test_fixed_layout_gives_the_same_lists_row_major():
+    """backends.fixed_layout: FlexAttention's kernels read a list at (b·H + h)·stride(1) and step
+    by 1 along the last dimension. The builders' query-side lists come out transposed in eager
+    (the tile map's transpose), and Inductor may lay out a size-1 head dimension with any stride;
+    the pinned copies are row-major with the same values, and the mask keeps its mask_mod, sizes
+    and block sizes."""
+    from masks import block_mask_from_tiles, split_rows
+    from masks.causal import causal_mask
+    from nsa_flex.backends import _LISTS, fixed_layout
+
+    tri = torch.tril(torch.ones(6, 4, dtype=torch.bool))
+    for B, H, S in ((1, 3, 1), (2, 1, 3)):        # heads; and query splits over one head
+        any_ = split_rows(tri.expand(B, H, 6, 4), S) if S > 1 else tri
+        bm = block_mask_from_tiles(any_, any_, causal_mask(), 6 * 64 // S, 4 * 64, 64, 64, B * S, H)
+        assert not bm.q_indices.is_contiguous()
+        got = fixed_layout(bm)
+        for n in _LISTS:
+            a, b = getattr(bm, n), getattr(got, n)
+            assert torch.equal(a, b) and b.is_contiguous(), n
+            assert b.stride(0) == H * b.stride(1) and b.stride(-1) == 1, n
+        assert got.mask_mod is bm.mask_mod and got.BLOCK_SIZE == bm.BLOCK_SIZE
+        assert got.seq_lengths == bm.seq_lengths
+        fwd = fixed_layout(bm, backward=False)      # the query lists untouched, the KV ones pinned
+        assert all(getattr(fwd, n) is getattr(bm, n) for n in _LISTS[4:])
+        assert all(torch.equal(getattr(fwd, n), getattr(bm, n)) for n in _LISTS[:4])
+
+
+def test_fixed_layout_compiles_inside_a_graph():
+    """The pinning op (a custom op) traces under torch.compile(fullgraph=True) and gives the
+    eager lists."""
+    from masks import block_mask_from_tiles
+    from masks.causal import causal_mask
+    from nsa_flex.backends import _LISTS, fixed_layout
+
+    def lists(tiles):
+        bm = fixed_layout(block_mask_from_tiles(tiles, tiles, causal_mask(), 384, 256, 64, 64, 2, 2))
+        return [getattr(bm, n) for n in _LISTS]
+
+    tiles = torch.rand(2, 2, 6, 4, generator=torch.Generator().manual_seed(0)) < 0.6
+    want = lists(tiles)
+    got = torch.compile(lists, fullgraph=True)(tiles)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
