@@ -35,6 +35,15 @@ def test_compare_names_the_worst_parameter():
     assert where == "a" and err != err
 
 
+def test_compare_floors_a_gradient_that_is_zero_in_exact_arithmetic():
+    tool = load_tool()
+    ref = {"w": torch.ones(100), "bias": torch.full((4,), 1e-9)}      # whole norm 10
+    err, where = tool.compare(ref, {"w": torch.ones(100), "bias": torch.full((4,), -1e-9)})
+    assert err == pytest.approx(4e-9 / 1e-2) and where == "bias"      # noise against 1e-3 x 10
+    err, where = tool.compare(ref, {"w": torch.ones(100), "bias": torch.full((4,), 0.1)})
+    assert err > 1 and where == "bias"                                # a real error still shows
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU route (aot_eager)")
 def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path):
     out = tmp_path / "m.json"
@@ -51,3 +60,19 @@ def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "tools/check_model.py", "--seq", "100"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seq 100: use a multiple of 64" in bad.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's FlexAttention needs CUDA")
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_checkpointed_compiled_model_matches_eager_on_gpu(tmp_path, kv_heads):
+    """The fault backends.fixed_layout fixes: with checkpointing, the BlockMask lists are
+    recomputed inside the compiled graph, and before the fix Inductor's layout of them made the
+    kernels read past the lists (one KV head) or give wrong gradients (two)."""
+    out = tmp_path / "m.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "tools/check_model.py", "--kv-heads", str(kv_heads),
+                        "--ac", "selective", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert [(x["ac"], x["backend"], x["ok"]) for x in json.loads(out.read_text())["rows"]] == [
+        ("selective", "inductor", True)]
