@@ -105,18 +105,19 @@ def _job_config(*args: str):
     return ConfigManager().parse_args(["--job.config_file", str(REPO / "configs/1b.toml"), *args])
 
 
-def test_compiled_model_with_checkpointing_is_refused_where_flex_runs():
+def test_full_checkpointing_in_a_compiled_model_is_refused_where_flex_runs():
     from nsa_flex.titan import check_compile_with_checkpointing
 
     shipped = _job_config()
     assert shipped.activation_checkpoint.mode == "selective"
+    assert "model" in shipped.compile.components
     check_compile_with_checkpointing(shipped, flex=True)        # the 1b config as shipped runs
-    for ac in ("selective", "full"):
-        bad = _job_config("--compile.components", "model,loss", "--activation_checkpoint.mode", ac)
-        with pytest.raises(ValueError, match=rf"activation_checkpoint.mode='{ac}' with "
-                           r"compile.components=\['model', 'loss'\].*--compile.components loss"):
-            check_compile_with_checkpointing(bad, flex=True)
-        check_compile_with_checkpointing(bad, flex=False)       # the CPU dense path is not affected
-    check_compile_with_checkpointing(
-        _job_config("--compile.components", "model,loss", "--activation_checkpoint.mode", "none"),
+    check_compile_with_checkpointing(_job_config("--activation_checkpoint.mode", "none"), flex=True)
+    full = _job_config("--activation_checkpoint.mode", "full")
+    with pytest.raises(ValueError, match=r"activation_checkpoint.mode='full' with "
+                       r"compile.components=\['model', 'loss'\].*check_model.py --ac full"):
+        check_compile_with_checkpointing(full, flex=True)
+    check_compile_with_checkpointing(full, flex=False)          # the CPU dense path is not affected
+    check_compile_with_checkpointing(                           # an eager model is not affected
+        _job_config("--activation_checkpoint.mode", "full", "--compile.components", "loss"),
         flex=True)
