@@ -51,3 +51,41 @@ def test_barrier_is_waited_for_before_the_first_turn_only(bench, tmp_path):
     with bench.timing_turn():           # this run's own ready file completes the count
         pass
     assert bench.BARRIER is None and len(list(folder.glob("ready.*"))) == 2
+
+
+def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
+    """tools/memtrace.py replays allocator events: the peak is where the allocated bytes are
+    largest, the live set is taken there (not at the end), and Inductor-allocated buffers are
+    named by the source-nodes comment above their line in the generated code."""
+    spec = importlib.util.spec_from_file_location("nsa_memtrace", ROOT / "tools" / "memtrace.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    gen = tmp_path / "cgenerated.py"
+    gen.write_text("def call(args):\n"
+                   "    # Topologically Sorted Source Nodes: [topk], Original ATen: [aten.topk]\n"
+                   "    buf0 = torch.ops.aten.topk.default(arg0, 16)\n"
+                   "    buf1 = empty_strided_cuda((8, 64), (64, 1), torch.int32)\n"
+                   "    # Topologically Sorted Source Nodes: [kv_idx, cat], Original ATen: [aten.cat]\n"
+                   "    triton_poi_fused_cat_0.run(buf1, 512)\n")
+    ind = [{"filename": str(gen), "line": 4, "name": "call"}]
+    ours = [{"filename": str(ROOT / "nsa_flex" / "operator.py"), "line": 10, "name": "_nsa"},
+            {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "f"}]
+    ev = [dict(action="alloc", addr=1, size=100, frames=ind),
+          dict(action="alloc", addr=2, size=50, frames=ours),
+          dict(action="alloc", addr=3, size=30, frames=ind),
+          dict(action="free_requested", addr=2, size=50),
+          dict(action="free_completed", addr=2, size=50),
+          dict(action="alloc", addr=4, size=60, frames=[])]   # 190 live: the peak
+    peak, live = mt.live_at_peak(ev)
+    assert peak == 190 and [e["addr"] for e in live] == [1, 4, 3]
+    ev.append(dict(action="free_requested", addr=1, size=100))
+    ev.append(dict(action="alloc", addr=5, size=10, frames=ours))
+    peak, live = mt.live_at_peak(ev)                          # the peak stays at 190, before the free
+    assert peak == 190 and [e["addr"] for e in live] == [1, 4, 3]
+    s = mt.summarize(ev[:3], top=5)                            # peak 180: 1, 2, 3 live
+    assert s["peak_mib"] == round(180 / 2**20, 1)
+    assert [(r["origin"], r["buffers"]) for r in s["top"]] == [
+        ("inductor: [kv_idx, cat], Original ATen: [aten.cat]", 2), ("nsa_flex/operator.py:10 (_nsa)", 1)]
+    assert mt.origin([{"filename": str(gen), "line": 3, "name": "call"}]) == (
+        "inductor: [topk], Original ATen: [aten.topk]")                   # an op's own output
+    assert mt.origin([]) == "(no stack)"

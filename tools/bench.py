@@ -157,7 +157,7 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
     return row
 
 
-def ours(x, cfg, sliding, fla_pool, profile=False):
+def ours(x, cfg, sliding, fla_pool, profile=False, memory=False):
     fn = op._compiled(cfg, False, sliding)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "kc", "vc", "gates")]
 
@@ -168,10 +168,30 @@ def ours(x, cfg, sliding, fla_pool, profile=False):
             kc, vc = x["kc"], x["vc"]
         return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
 
-    row = fwd_and_fwdbwd(run, leaves, (lambda r: {"profile": kernel_breakdown(r)}) if profile else None)
+    def extra(r):
+        got = {"profile": kernel_breakdown(r)} if profile else {}
+        if memory:
+            got["memory_at_peak"] = memory_at_peak(r, leaves)
+        return got
+
+    row = fwd_and_fwdbwd(run, leaves, extra if profile or memory else None)
     row["selected_blockmask_mib_per_layer"] = selected_blockmask_mib(x["q"].shape[1], x["q"].shape[2],
                                                                      x["k"].shape[2], cfg)
     return row
+
+
+def memory_at_peak(run, leaves):
+    """One fwd+bwd under the allocator's recorder (tools/memtrace.py): the buffers live at the
+    peak, grouped by the ops that made them."""
+    import memtrace
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        o = run()
+        o.backward(torch.ones_like(o))
+
+    return memtrace.peak_report(step)
 
 
 def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
@@ -363,6 +383,9 @@ def main():
                     help="also time each part of nsa_flex alone (compiles each part: slow)")
     ap.add_argument("--profile", action="store_true",
                     help="device time of nsa_flex per kernel group, from the profiler (no extra compile)")
+    ap.add_argument("--memory", action="store_true",
+                    help="for nsa_flex, what is live at the peak of one fwd+bwd and which ops made "
+                         "it (tools/memtrace.py; after the timings, no extra compile)")
     ap.add_argument("--hq", type=int, default=64)
     ap.add_argument("--hkv", type=int, default=4)
     ap.add_argument("--tune", nargs="*", default=[], metavar="KNOB=VALUE",
@@ -414,7 +437,8 @@ def main():
                     t0 = time.time()
                     try:
                         if impl == "nsa_flex":
-                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla", profile=a.profile))
+                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla", profile=a.profile,
+                                            memory=a.memory))
                             if a.parts and cname == "paper":
                                 row["parts"] = parts(x, cfg)
                         elif impl.startswith("sdpa"):
