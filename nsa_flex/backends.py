@@ -78,12 +78,14 @@ def dense_in_chunks(q, k, v, mask_mod, scale: float, need_lse: bool = True):
 
 _LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
           "q_indices", "full_q_num_blocks", "full_q_indices")
+_DQ_ORDERS = ("dq_write_order", "dq_write_order_full", "dq_kv_order", "dq_kv_order_spt")
 
 
 @torch.library.custom_op("nsa_flex::contiguous_copies", mutates_args=())
 def contiguous_copies(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Row-major copies that Inductor cannot lay out otherwise (an opaque op's outputs keep the
-    strides its fake gives)."""
+    strides its fake gives). ``clone(contiguous_format)``, not ``contiguous()``: a tensor whose
+    size-1 dimension has an odd stride counts as contiguous and would be returned as it is."""
     return [x.clone(memory_format=torch.contiguous_format) for x in xs]
 
 
@@ -93,21 +95,23 @@ def _(xs):
 
 
 def fixed_layout(bm: BlockMask, backward: bool = True) -> BlockMask:
-    """The same BlockMask with every list a row-major buffer; where no ``backward`` follows,
-    only the KV lists, which the forward kernel reads (the query lists, unread then, stay as they
-    are, so that Inductor need not compute them).
+    """The same BlockMask with every list a row-major buffer; where no ``backward`` follows, only
+    the KV lists, which the forward kernel reads (the query lists are left as they are).
 
-    FlexAttention's Triton kernels read list (b, h, m) at (b·H + h)·stride(1) + m·stride(2) and
-    step along the last dimension by 1: they assume a row-major layout. A list computed inside a
-    compiled graph and consumed only there (so with activation checkpointing, which recomputes
-    it) gets whatever layout Inductor picks; measured on an H100 (torch 2.11), the query-split
-    KV lists [8, 1, 64, 16] came out with strides (1024, 8192, 16, 1), a legal layout for a
-    size-1 head dimension that the kernel read past its end (illegal memory access), and with
-    two KV heads the gradients were wrong. Copies through an opaque op pin the layout."""
+    FlexAttention's Triton kernels read index list (b, h, m) at (b·H + h)·stride(1) + m·stride(2)
+    (the counts at (b·H + h)·stride(1) + m) and step along the last dimension by 1: they assume a
+    row-major layout. A list computed inside a compiled graph and consumed only there (so with
+    activation checkpointing, which recomputes it) gets whatever layout Inductor picks; measured
+    on an H100 (torch 2.11), the query-split KV lists [8, 1, 64, 16] came out with strides
+    (1024, 8192, 16, 1), a legal layout for a size-1 head dimension that the kernel read past
+    its end (illegal memory access), and with two KV heads the gradients were wrong. Copies
+    through an opaque op pin the layout. Other fields of the mask (newer torch's dQ orders)
+    are kept."""
     present = [n for n in (_LISTS if backward else _LISTS[:4]) if getattr(bm, n) is not None]
     copies = dict(zip(present, contiguous_copies([getattr(bm, n) for n in present])))
+    extra = {n: getattr(bm, n) for n in _DQ_ORDERS if hasattr(bm, n)}
     return BlockMask(bm.seq_lengths, *(copies.get(n, getattr(bm, n)) for n in _LISTS),
-                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod)
+                     BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, **extra)
 
 
 def split_mask_mod(mask_mod, splits: int, rows: int, batch: int):
@@ -158,7 +162,8 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         bm = block_mask(q_splits=S)
     else:
         bm = tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S)
-    bm = fixed_layout(bm, backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    bm = fixed_layout(bm, backward=needs_backward)
     if S > 1:
         q = split_rows(q, S)
         if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1

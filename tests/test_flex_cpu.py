@@ -202,6 +202,31 @@ def test_fixed_layout_gives_the_same_lists_row_major():
         assert all(torch.equal(getattr(fwd, n), getattr(bm, n)) for n in _LISTS[:4])
 
 
+def test_contiguous_copies_pins_row_major_strides_from_any_layout():
+    """The op behind fixed_layout: from the layout seen on the GPU (a size-1 head dimension with
+    stride 8192, which ``contiguous()`` would keep) and from a transposed one, row-major copies
+    with the same values; torch's own checks of a custom op (fake vs real) pass; lists that a
+    mask lacks stay None."""
+    from nsa_flex.backends import _LISTS, contiguous_copies, fixed_layout
+
+    base = torch.arange(8 * 64 * 16, dtype=torch.int32)
+    odd = base.as_strided((8, 1, 64, 16), (1024, 8192, 16, 1))
+    assert odd.is_contiguous()                                  # why clone, not contiguous()
+    tr = base[: 2 * 3 * 16 * 5].view(2, 3, 5, 16).transpose(-1, -2)
+    got = contiguous_copies([odd, tr])
+    assert [g.stride() for g in got] == [(1024, 1024, 16, 1), (240, 80, 5, 1)]
+    assert torch.equal(got[0], odd) and torch.equal(got[1], tr)
+    torch.library.opcheck(contiguous_copies, ([odd, tr],))
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num = torch.ones(1, 1, 2, dtype=torch.int32)
+    kv_idx = torch.zeros(1, 1, 2, 2, dtype=torch.int32)
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=64, compute_q_blocks=False)
+    out = fixed_layout(bm)
+    assert all(getattr(out, n) is None for n in _LISTS if getattr(bm, n) is None)
+    assert torch.equal(out.kv_indices, kv_idx)
+
+
 def test_fixed_layout_compiles_inside_a_graph():
     """The pinning op (a custom op) traces under torch.compile(fullgraph=True) and gives the
     eager lists."""
@@ -210,7 +235,8 @@ def test_fixed_layout_compiles_inside_a_graph():
     from nsa_flex.backends import _LISTS, fixed_layout
 
     def lists(tiles):
-        bm = fixed_layout(block_mask_from_tiles(tiles, tiles, causal_mask(), 384, 256, 64, 64, 2, 2))
+        bm = block_mask_from_tiles(tiles, tiles, causal_mask(), 384, 256, 64, 64, 2, 2)
+        bm = fixed_layout(bm)
         return [getattr(bm, n) for n in _LISTS]
 
     tiles = torch.rand(2, 2, 6, 4, generator=torch.Generator().manual_seed(0)) < 0.6
