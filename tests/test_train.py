@@ -105,19 +105,23 @@ def _job_config(*args: str):
     return ConfigManager().parse_args(["--job.config_file", str(REPO / "configs/1b.toml"), *args])
 
 
-def test_full_checkpointing_in_a_compiled_model_is_refused_where_flex_runs():
+def test_unchecked_checkpointing_in_a_compiled_model_is_refused_where_flex_runs():
     from nsa_flex.titan import check_compile_with_checkpointing
 
     shipped = _job_config()
     assert shipped.activation_checkpoint.mode == "selective"
+    assert shipped.activation_checkpoint.selective_ac_option == "op"
     assert "model" in shipped.compile.components
     check_compile_with_checkpointing(shipped, flex=True)        # the 1b config as shipped runs
     check_compile_with_checkpointing(_job_config("--activation_checkpoint.mode", "none"), flex=True)
-    full = _job_config("--activation_checkpoint.mode", "full")
-    with pytest.raises(ValueError, match=r"activation_checkpoint.mode='full' with "
-                       r"compile.components=\['model', 'loss'\].*check_model.py --ac full"):
-        check_compile_with_checkpointing(full, flex=True)
-    check_compile_with_checkpointing(full, flex=False)          # the CPU dense path is not affected
-    check_compile_with_checkpointing(                           # an eager model is not affected
-        _job_config("--activation_checkpoint.mode", "full", "--compile.components", "loss"),
-        flex=True)
+    for args, what in [(("--activation_checkpoint.mode", "full"), "mode='full'"),
+                       (("--activation_checkpoint.mode", "memory_budget"), "mode='memory_budget'"),
+                       (("--activation_checkpoint.selective_ac_option", "2"),
+                        "mode='selective' with selective_ac_option='2'")]:
+        bad = _job_config(*args)
+        with pytest.raises(ValueError, match=rf"activation_checkpoint.{what} and "
+                           r"compile.components=\['model', 'loss'\].*check_model.py --ac full"):
+            check_compile_with_checkpointing(bad, flex=True)
+        check_compile_with_checkpointing(bad, flex=False)      # the CPU dense path is not affected
+        check_compile_with_checkpointing(                      # an eager model is not affected
+            _job_config(*args, "--compile.components", "loss"), flex=True)
