@@ -55,8 +55,9 @@ def test_barrier_is_waited_for_before_the_first_turn_only(bench, tmp_path):
 
 def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
     """tools/memtrace.py replays allocator events: the peak is where the allocated bytes are
-    largest, the live set is taken there (not at the end), and Inductor-allocated buffers are
-    named by the source-nodes comment above their line in the generated code."""
+    largest (a block counts as freed at its free request; a free of a block from before the
+    trace lowers the count), the live set is taken there, and Inductor-allocated buffers are
+    named by the source-nodes comment of the kernel that fills them."""
     spec = importlib.util.spec_from_file_location("nsa_memtrace", ROOT / "tools" / "memtrace.py")
     mt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mt)
@@ -65,8 +66,11 @@ def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
                    "    # Topologically Sorted Source Nodes: [topk], Original ATen: [aten.topk]\n"
                    "    buf0 = torch.ops.aten.topk.default(arg0, 16)\n"
                    "    buf1 = empty_strided_cuda((8, 64), (64, 1), torch.int32)\n"
-                   "    # Topologically Sorted Source Nodes: [kv_idx, cat], Original ATen: [aten.cat]\n"
-                   "    triton_poi_fused_cat_0.run(buf1, 512)\n")
+                   "    # Topologically Sorted Source Nodes: [kv_idx, cat], Original ATen: [cat]\n"
+                   "    triton_poi_fused_cat_0.run(buf1, 512)\n"
+                   "    buf2 = empty_strided_cuda((8, 64), (64, 1), torch.int32)\n"
+                   "    triton_poi_fused_no_comment_1.run(buf2, 512)\n"
+                   "    # Topologically Sorted Source Nodes: [later], Original ATen: [aten.add]\n")
     ind = [{"filename": str(gen), "line": 4, "name": "call"}]
     ours = [{"filename": str(ROOT / "nsa_flex" / "operator.py"), "line": 10, "name": "_nsa"},
             {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "f"}]
@@ -74,18 +78,19 @@ def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
           dict(action="alloc", addr=2, size=50, frames=ours),
           dict(action="alloc", addr=3, size=30, frames=ind),
           dict(action="free_requested", addr=2, size=50),
-          dict(action="free_completed", addr=2, size=50),
-          dict(action="alloc", addr=4, size=60, frames=[])]   # 190 live: the peak
+          dict(action="alloc", addr=4, size=60, frames=[]),        # 190 live: the peak
+          dict(action="free_completed", addr=2, size=50),         # counted at the request
+          dict(action="free_requested", addr=1, size=100),
+          dict(action="alloc", addr=5, size=10, frames=ours)]
     peak, live = mt.live_at_peak(ev)
     assert peak == 190 and [e["addr"] for e in live] == [1, 4, 3]
-    ev.append(dict(action="free_requested", addr=1, size=100))
-    ev.append(dict(action="alloc", addr=5, size=10, frames=ours))
-    peak, live = mt.live_at_peak(ev)                          # the peak stays at 190, before the free
-    assert peak == 190 and [e["addr"] for e in live] == [1, 4, 3]
-    s = mt.summarize(ev[:3], top=5)                            # peak 180: 1, 2, 3 live
+    early = [dict(action="free_requested", addr=99, size=500)] + ev   # a block from before
+    assert mt.live_at_peak(early)[0] == 0                             # never above the start
+    s = mt.summarize(ev[:3], top=5)                                   # peak 180: 1, 2, 3 live
     assert s["peak_mib"] == round(180 / 2**20, 1)
     assert [(r["origin"], r["buffers"]) for r in s["top"]] == [
-        ("inductor: [kv_idx, cat], Original ATen: [aten.cat]", 2), ("nsa_flex/operator.py:10 (_nsa)", 1)]
-    assert mt.origin([{"filename": str(gen), "line": 3, "name": "call"}]) == (
-        "inductor: [topk], Original ATen: [aten.topk]")                   # an op's own output
+        ("inductor: [kv_idx, cat], Original ATen: [cat]", 2), ("nsa_flex/operator.py:10 (_nsa)", 1)]
+    call = lambda line: [{"filename": str(gen), "line": line, "name": "call"}]
+    assert mt.origin(call(3)) == "inductor: [topk], Original ATen: [aten.topk]"  # own output
+    assert mt.origin(call(7)) == f"{gen}:7 (call)"        # its kernel has no comment: not the next
     assert mt.origin([]) == "(no stack)"

@@ -181,13 +181,18 @@ def ours(x, cfg, sliding, fla_pool, profile=False, memory=False):
 
 
 def memory_at_peak(run, leaves):
-    """One fwd+bwd under the allocator's recorder (tools/memtrace.py): the buffers live at the
-    peak, grouped by the ops that made them."""
-    import memtrace
+    """One fwd+bwd under the allocator's recorder (tools/memtrace.py, next to this file): the
+    buffers live at the peak, grouped by the ops that made them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nsa_memtrace", os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "memtrace.py"))
+    memtrace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memtrace)
+    for x in leaves:        # before recording: the step starts from no gradients
+        x.grad = None
 
     def step():
-        for x in leaves:
-            x.grad = None
         o = run()
         o.backward(torch.ones_like(o))
 
@@ -437,8 +442,8 @@ def main():
                     t0 = time.time()
                     try:
                         if impl == "nsa_flex":
-                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla", profile=a.profile,
-                                            memory=a.memory))
+                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla",
+                                            profile=a.profile, memory=a.memory))
                             if a.parts and cname == "paper":
                                 row["parts"] = parts(x, cfg)
                         elif impl.startswith("sdpa"):

@@ -6,10 +6,10 @@ origin. A buffer allocated by Inductor's generated code is named by the comment 
 kernel that fills it ("Topologically Sorted Source Nodes: [...]", the ops that produce it);
 otherwise by the innermost frame in this project's code, else the innermost frame.
 
-    report = peak_report(lambda: loss_fn().backward())   # {"peak_mib", "before_mib", "top": [...]}
+    report = peak_report(lambda: loss_fn().backward())   # {"before_mib", "peak_mib", "top"}
 
 Only allocations made while recording are seen: what was live before (inputs, weights) is
-``before_mib``.
+``before_mib``, and ``peak_mib`` is the largest rise above it (their sum is the absolute peak).
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ PROJECT_DIRS = ("nsa_flex", "masks", "tools")
 
 def live_at_peak(events) -> tuple[int, list[dict]]:
     """Replay allocator trace events (dicts with 'action', 'addr', 'size', optional 'frames');
-    returns (peak bytes allocated during the trace, the events of the blocks live then)."""
+    returns (the peak of the bytes allocated, counted from the trace's start, so a free of a
+    block allocated before it counts as negative; the events of the trace's blocks live then).
+    A block counts as freed at 'free_requested', where torch's allocated-bytes count drops; its
+    'free_completed' (or a second free) is ignored."""
     live, total, peak, peak_at = {}, 0, 0, -1
     for i, e in enumerate(events):
         if e["action"] == "alloc":
@@ -33,13 +36,13 @@ def live_at_peak(events) -> tuple[int, list[dict]]:
             total += e["size"]
             if total > peak:
                 peak, peak_at = total, i
-        elif e["action"] in ("free_requested", "free_completed") and e["addr"] in live:
-            total -= live.pop(e["addr"])["size"]
+        elif e["action"] == "free_requested":
+            total -= live.pop(e["addr"])["size"] if e["addr"] in live else e["size"]
     live = {}
     for e in events[: peak_at + 1]:
         if e["action"] == "alloc":
             live[e["addr"]] = e
-        elif e["action"] in ("free_requested", "free_completed"):
+        elif e["action"] == "free_requested":
             live.pop(e["addr"], None)
     return peak, sorted(live.values(), key=lambda e: -e["size"])
 
@@ -48,17 +51,29 @@ def live_at_peak(events) -> tuple[int, list[dict]]:
 def _source_nodes(filename: str, line: int) -> str | None:
     """The ops behind the buffer allocated at ``line`` of Inductor's generated ``filename``: the
     'Topologically Sorted Source Nodes' comment of the kernel that fills it. Generated code
-    allocates with ``empty_strided`` before that comment and its kernel, so look below such a
-    line; an op that allocates its own output (a fallback call) stands below its comment."""
+    allocates with ``empty_strided`` just before that comment and its kernel, so look below such
+    a line, past only other allocations, aliases and ``del``s (None where a kernel comes first:
+    some kernels carry no comment); an op that allocates its own output (a fallback call) stands
+    below its comment. A reused buffer (``buf2 = buf1; del buf1  # reuse``) keeps the name of
+    its first producer."""
     text = linecache.getline(filename, line)
-    lines = range(line + 1, line + 40) if "empty_strided" in text else range(line, max(0, line - 40), -1)
+    if "empty_strided" not in text:
+        lines = range(line, max(0, line - 40), -1)
+    else:
+        lines = range(line + 1, line + 40)
     for n in lines:
         text = linecache.getline(filename, n).strip()
         if text.startswith("# Topologically Sorted Source Nodes:"):
             return text.split(":", 1)[1].strip()
-        if text.startswith("def "):
+        if text.startswith("def ") or (n > line and not _allocation_line(text)):
             break
     return None
+
+
+def _allocation_line(text: str) -> bool:
+    """A generated line that only allocates, aliases or frees (or is blank / a comment)."""
+    return (not text or text.startswith(("#", "del ")) or "empty_strided" in text
+            or "reinterpret_tensor" in text or "get_raw_stream" in text)
 
 
 def origin(frames: list[dict]) -> str:
@@ -79,7 +94,7 @@ def origin(frames: list[dict]) -> str:
 
 
 def summarize(events, top: int = 15) -> dict:
-    """Peak bytes of the trace and the ``top`` origins by bytes live at the peak."""
+    """The peak rise of the trace (MiB) and the ``top`` origins by bytes live at the peak."""
     peak, live = live_at_peak(events)
     groups: dict[str, list[int]] = {}
     for e in live:
@@ -88,7 +103,8 @@ def summarize(events, top: int = 15) -> dict:
         g[1] += 1
     rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
     return {"peak_mib": round(peak / 2**20, 1),
-            "top": [{"mib": round(b / 2**20, 1), "buffers": n, "origin": o} for o, (b, n) in rows[:top]]}
+            "top": [{"mib": round(b / 2**20, 1), "buffers": n, "origin": o}
+                    for o, (b, n) in rows[:top]]}
 
 
 def peak_report(fn, top: int = 15, max_entries: int = 1_000_000) -> dict:
