@@ -45,10 +45,11 @@ SEL_NARROW_LISTS = 1
 # 16-row tiles the selected BlockMask goes from 2082 to 1059 MiB per layer, and two [Nkv, Mq]
 # prefix-count passes go away. Same lists (tested against the generic route on CPU), but on a
 # GPU the backward is wrong: the GPU gradient check (H100, torch 2.11, T=2048, Hq=32, Hkv=2,
-# D=64) gave dK/dV errors of 32 and 17 (relative) with out and dQ right; still 5.7 and 3.6 with
-# the lists pinned row-major (backends.fixed_layout) and with Inductor's stride padding off, so it
-# is not their layout. Not understood yet (lead: the FlexAttention backward may assume query
-# lists as wide as the query tile count); the operator refuses it on CUDA. 0.
+# D=64) gave dK/dV errors of 32 and 17 (relative) with out and dQ right; 5.7 and 3.6 with the
+# lists pinned row-major (backends.fixed_layout), and 6.8 and 3.5 with Inductor's stride padding
+# off (before the pinning), so it is not their layout. Not understood yet (lead: the
+# FlexAttention backward may assume query lists as wide as the query tile count); the operator
+# refuses it on CUDA. 0.
 SEL_NARROW_Q_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
@@ -62,8 +63,9 @@ SCORE_CAUSAL_SLICES = 4
 # blocks its positions can have (j·l' before the chunk's end), rounded the same way, instead of
 # all Ts. Same selection. At 64k the top-n is 18.6 ms of radix select over 1024 blocks, of which
 # ~40% are past the chunk's end on average with 4 slices. Measured on an H100 at 64k, both in one
-# run: 220.3 ms fwd+bwd vs 227.8 with 0 (cuDNN 448.9 / 446.4 there); GPU gradient check passed
-# (T=4096, Dk=192: fp32 1.5e-6, no recompiles). 1.
+# run: 220.3 ms fwd+bwd vs 227.8 with 0 (cuDNN 448.9 / 446.4 there). The GPU gradient check with
+# it passed (T=4096, Dk=192: fp32 1.5e-6, no recompiles); that check takes the operator's own
+# selection, so the selection itself is tested on CPU only (the same blocks as with 0). 1.
 TOPN_CAUSAL = 1
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
 # writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
