@@ -69,7 +69,8 @@ def test_checkpointed_compiled_model_matches_eager_on_gpu(tmp_path, kv_heads):
     recomputed inside the compiled graph, and before the fix Inductor's layout of them made the
     kernels read past the lists (one KV head) or give wrong gradients (two)."""
     out = tmp_path / "m.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     r = subprocess.run([sys.executable, "tools/check_model.py", "--kv-heads", str(kv_heads),
                         "--ac", "selective", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
