@@ -60,6 +60,9 @@ def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path):
     bad = subprocess.run([sys.executable, "tools/check_model.py", "--seq", "100"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seq 100: use a multiple of 64" in bad.stderr
+    bad = subprocess.run([sys.executable, "tools/check_model.py", "--selective-option", "two"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--selective-option two: use 'op'" in bad.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's FlexAttention needs CUDA")

@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=1)
     ap.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
                     choices=["none", "selective", "full"])
+    ap.add_argument("--selective-option", default="op",
+                    help="selective_ac_option of the 'selective' mode: 'op' (per-op, the default) or "
+                         "N (every N-th block fully)")
     ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on "
                     "CUDA, aot_eager on CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.seq % 64 or args.seq < 128:
         ap.error(f"--seq {args.seq}: use a multiple of 64, at least 128")
+    if args.selective_option != "op" and not args.selective_option.isdigit():
+        ap.error(f"--selective-option {args.selective_option}: use 'op' or a positive integer")
     if args.heads % args.kv_heads:
         ap.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
     for ac in args.ac:
         m = copy.deepcopy(base)
         if ac != "none":
-            apply_ac(m, ActivationCheckpoint(mode=ac, selective_ac_option="op"),
+            apply_ac(m, ActivationCheckpoint(mode=ac, selective_ac_option=args.selective_option),
                      model_compile_enabled=True, op_sac_save_list=_op_sac_save_list)
         apply_compile(m, Compile(enable=True, components=["model"], backend=backend))
         got = gradients(m, x, y)
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
         raw, raw_where = compare(ref, got, floor=0.0)   # shown, not judged: see compare()
         good = worst <= tol
         ok &= good
-        rows.append(dict(ac=ac, backend=backend, grad_norm=norm, worst_rel_err=worst, worst_param=where,
+        rows.append(dict(ac=ac, selective_option=args.selective_option if ac == "selective" else None,
+                         backend=backend, grad_norm=norm, worst_rel_err=worst, worst_param=where,
                          worst_rel_err_unfloored=raw, worst_param_unfloored=raw_where, ok=good))
         print(f"compiled ({backend}), AC {ac}: grad norm {norm:.6g}, worst relative error "
               f"{worst:.3g} ({where}) {'ok' if good else 'WRONG'}; without the floor {raw:.3g} "
