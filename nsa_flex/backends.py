@@ -76,8 +76,8 @@ def dense_in_chunks(q, k, v, mask_mod, scale: float, need_lse: bool = True):
     return torch.cat(outs, 2), (torch.cat(lses, 2) if lses[0] is not None else None)
 
 
-_LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-          "q_indices", "full_q_num_blocks", "full_q_indices")
+_KV_LISTS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+_LISTS = _KV_LISTS + ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 _DQ_ORDERS = ("dq_write_order", "dq_write_order_full", "dq_kv_order", "dq_kv_order_spt")
 
 
@@ -107,7 +107,7 @@ def fixed_layout(bm: BlockMask, backward: bool = True) -> BlockMask:
     its end (illegal memory access), and with two KV heads the gradients were wrong. Copies
     through an opaque op pin the layout. Other fields of the mask (newer torch's dQ orders)
     are kept."""
-    present = [n for n in (_LISTS if backward else _LISTS[:4]) if getattr(bm, n) is not None]
+    present = [n for n in (_LISTS if backward else _KV_LISTS) if getattr(bm, n) is not None]
     copies = dict(zip(present, contiguous_copies([getattr(bm, n) for n in present])))
     extra = {n: getattr(bm, n) for n in _DQ_ORDERS if hasattr(bm, n)}
     return BlockMask(bm.seq_lengths, *(copies.get(n, getattr(bm, n)) for n in _LISTS),

@@ -79,9 +79,10 @@ SCORE_KERNEL = 0
 # 8.2 s a run, and the compile ran out of a 570 s call). This caps those fake counts at this
 # many blocks (FlexAttention's own comment intends 16). Changes only which config is picked and
 # how long the compile takes, never a result. With 16 the GPU gradient check passed (T=4096,
-# Dk=192) and 128k compiled and ran (660.5 ms fwd+bwd; 522 s wall, compile included; H100);
-# at 64k it is untimed (the configs it picks may be slower), so 0 (and then Inductor is left
-# untouched: the cap is installed at import or by apply() only when this is set).
+# Dk=192) and 128k compiled and ran (660.5 ms fwd+bwd; 522 s wall, compile included; H100); at
+# 64k it timed 225.15 ms vs 225.1 without (across calls) and compiled faster. 0 by default all
+# the same, because it patches Inductor for the whole process (the cap is installed at import
+# or by apply() only when this is set).
 AUTOTUNE_BLOCKS = 0
 # Dense path (CPU; the visualiser's compile-free forward on CUDA): query rows per chunk such that
 # at most this many score elements (batch x heads x rows x keys) live at once.
