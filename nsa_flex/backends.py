@@ -165,7 +165,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     bm = fixed_layout(bm, backward=needs_backward)
     if S > 1:
-        q = split_rows(q, S)
+        q = split_rows(q, S, view=bool(tuning.SPLIT_VIEWS))
         if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1
             k, v = (t.expand(S, *t.shape).reshape(S * B, *t.shape[1:]) for t in (k, v))
     if not need_lse:

@@ -28,6 +28,11 @@ SEL_Q_BLOCK: int | None = 16
 # 225.1 ms fwd+bwd (cuDNN 441.5 in the same process) vs 240.9 with 1 (an earlier call, cuDNN
 # 445.0 there); +1.0 GiB peak. GPU gradient check passed (T=2048, Hq=32, Hkv=2, D=64).
 Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 8, "swa": 1, "forced": 8}
+# 1: at batch 1, a branch's query split (Q_SPLITS) is a strided view of the packed queries
+# (heads outermost) instead of a concatenated copy, and its output (FlexAttention lays it out
+# like the query) merges back by a view: no copies of q and o per split branch (1 GiB each at
+# 64k, paper config, D = 128, and they are saved for the backward). Same results.
+SPLIT_VIEWS = 0
 # 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
 # so that no query tile's dynamic list holds the first block, which every tile uses. Measured on

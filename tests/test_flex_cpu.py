@@ -102,6 +102,14 @@ def test_query_splits_and_one_position_tiles_match_dense(batch, narrow):
                             SEL_NARROW_Q_LISTS=narrow, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
+def test_query_splits_as_views_match_dense():
+    """SPLIT_VIEWS: the split queries as a strided view (batch 1), compiled FlexAttention (CPU
+    forward) equals the dense path."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    _compiled_matches_dense(cfg, 1, 256, 16, 1, seed=6, SEL_Q_BLOCK=16, SPLIT_VIEWS=1,
+                            Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
+
+
 def test_selected_as_forced_plus_rest_eager_flex_matches_dense():
     """The selected branch as two FlexAttention calls (forced blocks with query splits, the
     rest) merged through their LSE, against the dense one-call path. Eager FlexAttention: the
@@ -139,6 +147,12 @@ def test_split_rows_and_split_mask_mod():
 
     x = torch.randn(2, 3, 64, 5)
     assert torch.equal(merge_rows(split_rows(x, 4), 4), x)
+    x1 = x[:1]                                   # batch 1: the view variant, no copy either way
+    v = split_rows(x1, 4, view=True)
+    assert torch.equal(v, split_rows(x1, 4)) and v.data_ptr() == x1.data_ptr()
+    assert torch.equal(merge_rows(v, 4), x1) and merge_rows(v, 4).data_ptr() == x1.data_ptr()
+    assert torch.equal(merge_rows(split_rows(x1, 4), 4), x1)
+    assert torch.equal(split_rows(x, 4, view=True), split_rows(x, 4))   # batch 2: a copy
     assert split_rows(x, 4)[1 * 2 + 1, 2, 3].equal(x[1, 2, 16 + 3])  # chunk 1 of batch 1, row 3
     assert split_rows(x, 4)[3 * 2 + 0, 1, 0].equal(x[0, 1, 48])      # chunk 3 of batch 0, row 0
     mm = compressed_mask(16, 8, 4)
