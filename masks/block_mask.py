@@ -20,8 +20,11 @@ def ordered_lists(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     col = torch.arange(t.shape[-1], device=t.device, dtype=torch.int32)
     before = t.cumsum(-1, dtype=torch.int32) - t                     # listed columns before col
     dest = torch.where(tiles, before, num[..., None] + col - before)
-    idx = torch.empty_like(t).scatter_(-1, dest.long(), col.expand_as(t).contiguous())
-    return num, idx
+    # row-major whatever the layout of ``tiles`` (a transposed map for the query-side lists):
+    # FlexAttention's kernels step along a list by 1 and address rows from stride(1) alone
+    idx = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    idx.scatter_(-1, dest.long(), col.expand_as(t).contiguous())
+    return num.contiguous(), idx
 
 
 def block_mask_from_tiles(any_: torch.Tensor, all_: torch.Tensor, mask_mod, q_len: int,

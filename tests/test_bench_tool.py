@@ -94,3 +94,32 @@ def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
     assert mt.origin(call(3)) == "inductor: [topk], Original ATen: [aten.topk]"  # own output
     assert mt.origin(call(7)) == f"{gen}:7 (call)"        # its kernel has no comment: not the next
     assert mt.origin([]) == "(no stack)"
+
+
+def test_timings_and_peak_hold_no_earlier_forward(bench, monkeypatch):
+    """fwd_and_fwdbwd's peak memory is one fwd+bwd's: the warm-up forward's autograd graph (all
+    its saved activations) is freed before the timings and the peak measurement start."""
+    import weakref
+
+    import torch
+
+    saved = []                                    # weak refs to each call's saved activation
+
+    def run():
+        h = x * 2.0
+        saved.append(weakref.ref(h))              # kept alive only by the graph (mul saves it)
+        return (h * x).sum(-1)
+
+    x = torch.randn(4, 8, requires_grad=True)
+    alive_at_timing = []
+
+    def measure(fn, *a, **k):
+        alive_at_timing.append([r() is not None for r in saved[:1]])   # the warm-up forward's
+        fn()
+        return 0.0
+
+    monkeypatch.setattr(bench, "bench_ms", measure)
+    monkeypatch.setattr(bench, "peak_mib", measure)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    row = bench.fwd_and_fwdbwd(run, [x])
+    assert row["finite"] and alive_at_timing == [[False]] * 3

@@ -122,6 +122,8 @@ def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
     assert narrow.full_q_indices.shape[-1] == Mq
     padded = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_width=True, narrow_q=True)
     assert padded.q_indices.shape[-1] == Mq
+    for bm in (got, narrow, padded):
+        assert_row_major(bm)
     for bm in (narrow, padded):
         for transposed in (False, True):
             assert torch.equal(M.tile_states(bm, transposed), M.tile_states(want, transposed))
@@ -164,6 +166,7 @@ def test_selected_lists_split_into_query_chunks(T, G, QB, KB, lp, S, narrow_q, f
     spec = M.computed_mask(whole)                        # [B, H, T·G, T]
     chunks = torch.cat(spec.chunk(S, dim=2), dim=0)      # the split layout
     check_block_mask(split, chunks)
+    assert_row_major(split)
     bad = -(-T * G // QB) + 1                            # more chunks than query tiles
     with pytest.raises(ValueError, match=f"q_splits={bad}"):
         M.selected_block_mask(idx, lp, G, QB, KB, mm, q_splits=bad)
@@ -257,6 +260,16 @@ def test_block_mask_lists_equal_torchs_own():
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         a, b = getattr(bm, name), getattr(ref, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert_row_major(bm)
+
+
+def assert_row_major(bm):
+    """Every list row-major, as FlexAttention's kernels read them (a list built from a transposed
+    tile map once kept its transposed strides: the GPU backward then read the wrong entries)."""
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert getattr(bm, name).is_contiguous(), name
+        assert getattr(bm, name).stride()[-1] == 1, name
 
 
 def _selected_lists(idx, lp, G, QB, KB, narrow_q, S):

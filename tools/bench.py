@@ -43,6 +43,8 @@ def bench_ms(fn, warmup_ms=100, rep_ms=400):
 
 
 def peak_mib(fn):
+    """Peak allocated MiB over one call of ``fn``: what it allocates plus what was live before
+    (the inputs, the output gradient; nothing else of the caller's must be held)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -138,6 +140,8 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
     with warmup_turn():
         o = run()
         do = torch.randn_like(o)
+        finite = bool(torch.isfinite(o).all())
+        del o   # its autograd graph (every saved activation) would stay live through the timings
 
         def fwdbwd():
             for x in leaves:
@@ -145,8 +149,7 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
             run().backward(do)
 
         fwdbwd()
-        finite = bool(torch.isfinite(o).all()) and all(
-            bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
+        finite = finite and all(bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
         fwd()
         torch.cuda.synchronize()
     with timing_turn():
@@ -236,8 +239,7 @@ def kernel_breakdown(run, iters=3, activity="cuda"):
     the kernels of the whole compiled operator, no per-part compiles)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CUDA] if activity == "cuda" else [ProfilerActivity.CPU]
-    o = run()
-    do = torch.randn_like(o)
+    do = torch.randn_like(run().detach())   # (the output's graph is freed at once)
     with profile(activities=acts) as prof:
         for _ in range(iters):
             run().backward(do)
