@@ -30,9 +30,11 @@ SEL_Q_BLOCK: int | None = 16
 Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 8, "swa": 1, "forced": 8}
 # 1: at batch 1, a branch's query split (Q_SPLITS) is a strided view of the packed queries
 # (heads outermost) instead of a concatenated copy, and its output (FlexAttention lays it out
-# like the query) merges back by a view: no copies of q and o per split branch (1 GiB each at
-# 64k, paper config, D = 128, and they are saved for the backward). Same results.
-SPLIT_VIEWS = 0
+# like the query) merges back by a view: no copies of q and o per split branch. Measured on an
+# H100 at 64k (paper config, D = 128, bf16, both in one run): 212.96 ms fwd+bwd and 13315 MiB
+# peak vs 220.63 ms and 14339 MiB with 0 (cuDNN 453.0 / 453.8 ms, 11648 MiB). GPU gradient check
+# passed (T = 4096, Dk = 192: fp32 1.5e-6, bf16 3.7e-3, 0 recompiles). 1.
+SPLIT_VIEWS = 1
 # 1: run the selected branch as two FlexAttention calls merged through their log-sum-exp — the
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
 # so that no query tile's dynamic list holds the first block, which every tile uses. Measured on
@@ -47,14 +49,13 @@ SEL_NARROW_LISTS = 1
 # 1: with SEL_NARROW_LISTS and one position per selected tile (G divisible by SEL_Q_BLOCK), the
 # backward's partial query lists hold only the kv_block·G/q_block tiles of each KV tile's own
 # positions (the diagonal: the only partial tiles then) instead of all T·G/q_block: at 64k with
-# 16-row tiles the selected BlockMask goes from 2082 to 1059 MiB per layer, and two [Nkv, Mq]
-# prefix-count passes go away. Same lists (tested against the generic route on CPU), but on a
-# GPU the backward is wrong: the GPU gradient check (H100, torch 2.11, T=2048, Hq=32, Hkv=2,
-# D=64) gave dK/dV errors of 32 and 17 (relative) with out and dQ right; 5.7 and 3.6 with the
-# lists pinned row-major (backends.fixed_layout), and 6.8 and 3.5 with Inductor's stride padding
-# off (before the pinning), so it is not their layout. Not understood yet (lead: the
-# FlexAttention backward may assume query lists as wide as the query tile count); the operator
-# refuses it on CUDA. 0.
+# 16-row tiles the selected BlockMask would go from 2082 to 1059 MiB per layer, and a [Nkv, Mq]
+# prefix-count pass goes away. Same lists (tested against the generic route on CPU, and equal on
+# an H100), but FlexAttention's GPU backward (torch 2.11) gives wrong dK/dV with them: on an
+# H100, one FlexAttention call (tools/check_narrow_q.py: T = 1024, fp32) gave dK errors of 21.5
+# (relative) with the narrow lists and 6e-7 with the same lists zero-padded to the query tile
+# count, so the backward assumes lists that wide. Padded, no memory is saved; hence refused on
+# CUDA by the operator. 0.
 SEL_NARROW_Q_LISTS = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28

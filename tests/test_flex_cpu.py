@@ -191,18 +191,25 @@ def test_compressed_branch_with_query_splits_eager_flex_matches_dense():
 
 def test_fixed_layout_gives_the_same_lists_row_major():
     """backends.fixed_layout: FlexAttention's kernels read a list at (b·H + h)·stride(1) and step
-    by 1 along the last dimension. The builders' query-side lists come out transposed in eager
-    (the tile map's transpose), and Inductor may lay out a size-1 head dimension with any stride;
-    the pinned copies are row-major with the same values, and the mask keeps its mask_mod, sizes
+    by 1 along the last dimension. Inductor may lay out a list (a size-1 head dimension with any
+    stride; here: transposed lists) as it likes inside a graph; the pinned copies are row-major with the same values, and the mask keeps its mask_mod, sizes
     and block sizes."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     from masks import block_mask_from_tiles, split_rows
     from masks.causal import causal_mask
     from nsa_flex.backends import _LISTS, fixed_layout
+
+    def transposed(x):                            # same values, the strides of a transpose
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
 
     tri = torch.tril(torch.ones(6, 4, dtype=torch.bool))
     for B, H, S in ((1, 3, 1), (2, 1, 3)):        # heads; and query splits over one head
         any_ = split_rows(tri.expand(B, H, 6, 4), S) if S > 1 else tri
         bm = block_mask_from_tiles(any_, any_, causal_mask(), 6 * 64 // S, 4 * 64, 64, 64, B * S, H)
+        bm = BlockMask(bm.seq_lengths, *(transposed(getattr(bm, n)) if n.endswith("indices") else
+                                         getattr(bm, n) for n in _LISTS),
+                       BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod)
         assert not bm.q_indices.is_contiguous()
         got = fixed_layout(bm)
         for n in _LISTS:
