@@ -32,13 +32,25 @@ def lock_is_free(path) -> bool:
         return True
 
 
-def test_first_warmup_runs_without_the_lock_later_ones_hold_it(bench):
+def test_first_warmup_runs_without_the_lock_later_ones_hold_it(bench, tmp_path):
+    folder = tmp_path / "bar"
+    folder.mkdir()
+    bench.BARRIER = f"{folder}:1"       # every run's first compile done before anyone times
     with bench.warmup_turn():           # before any timing: compiles overlap other runs'
         assert lock_is_free(bench.GPU_LOCK)
     with bench.timing_turn():
         assert not lock_is_free(bench.GPU_LOCK)
     assert lock_is_free(bench.GPU_LOCK)
     with bench.warmup_turn():           # the next impl's compile: under the lock
+        assert not lock_is_free(bench.GPU_LOCK)
+    assert lock_is_free(bench.GPU_LOCK)
+
+
+def test_without_a_barrier_even_the_first_warmup_holds_the_lock(bench):
+    """Runs given only --gpu-lock: nothing holds another run's timing back while this one
+    compiles and autotunes, so its first compile takes the lock too."""
+    assert bench.BARRIER is None
+    with bench.warmup_turn():
         assert not lock_is_free(bench.GPU_LOCK)
     assert lock_is_free(bench.GPU_LOCK)
 

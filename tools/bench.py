@@ -67,7 +67,8 @@ def make(T, Hq, Hkv, Dk, Dv, cfg, seed=0):
                 gates=torch.rand(1, T, Hq, 3, device="cuda", generator=g, dtype=torch.bfloat16))
 
 
-GPU_LOCK = None  # --gpu-lock: a file held while timing, so runs sharing one card time in turn
+GPU_LOCK = None  # --gpu-lock: a file held while timing and compiling, so runs sharing one card
+# take turns (see warmup_turn for what --barrier lets overlap)
 # --barrier DIR:N: before its first timing turn a run waits until N runs have written DIR/ready.*
 # (compiled, or exited), so that no run's timing shares the card with another's compile-time
 # autotuning.
@@ -109,11 +110,13 @@ def timing_turn():
 
 @contextlib.contextmanager
 def warmup_turn():
-    """Compiles, autotuning and first calls. Before this run's first timing turn they run
-    freely (runs sharing a card overlap their compiles, and the barrier holds every timing back
-    until all have compiled); after it — the next impl, T or config of the same run — they take
-    the lock too, so that one run's autotuning never shares the card with another's timing."""
-    if TIMED_ONCE:
+    """Compiles, autotuning and first calls. Before this run's first timing turn, and only with a
+    barrier, they run freely (runs sharing a card overlap their compiles, and the barrier holds
+    every timing back until all have compiled); otherwise — no barrier, or the next impl, T or
+    config of the same run — they take the lock too, so that one run's autotuning never shares
+    the card with another's timing. (Two runs given only --gpu-lock once overlapped: one's
+    first-call autotuning ran during the other's timing.)"""
+    if TIMED_ONCE or BARRIER is None:
         with timing_turn():
             yield
     else:
@@ -399,8 +402,9 @@ def main():
                     help="set nsa_flex.tuning knobs before compiling, e.g. SEL_Q_BLOCK=16 Q_SPLITS.cmp=8 "
                          "(recorded in the JSON)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE",
-                    help="hold this file lock while timing (compiles run outside it), so several "
-                         "bench processes sharing one card never time at once")
+                    help="hold this file lock while timing and compiling, so several bench "
+                         "processes sharing one card never time while another times or autotunes "
+                         "(with --barrier the first compiles overlap instead)")
     ap.add_argument("--barrier", default=None, metavar="DIR:N",
                     help="wait before the first timing until N runs have written DIR/ready.* (set "
                          "by --variants: no run times while another still compiles and autotunes)")
