@@ -152,7 +152,8 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
             run().backward(do)
 
         fwdbwd()
-        finite = finite and all(bool(torch.isfinite(x.grad).all()) for x in leaves if x.grad is not None)
+        finite = finite and all(bool(torch.isfinite(x.grad).all())
+                                for x in leaves if x.grad is not None)
         fwd()
         torch.cuda.synchronize()
     with timing_turn():

@@ -15,10 +15,11 @@ Inductor that FlexAttention's kernels misread (``nsa_flex.backends.fixed_layout`
 excerpt of the generated code is in tools/results/logs-seventh/). Since then it passes on an
 H100 with no, full, per-op selective and every-2nd-block selective checkpointing
 (``--ac full selective --selective-option 2``); memory-budget checkpointing, which it does not
-exercise, stays refused on GPU (``nsa_flex.titan.check_compile_with_checkpointing``). On CPU the FlexAttention backward
-exists only as eager math, which torch refuses by a device check before it runs; the tool lifts
-that check (CPU only) so the graph capture, the partitioning into forward and backward and the
-recompute can be checked there with ``aot_eager`` (Inductor has no CPU FlexAttention backward).
+exercise, stays refused on GPU (``nsa_flex.titan.check_compile_with_checkpointing``). On CPU
+the FlexAttention backward exists only as eager math, which torch refuses by a device check
+before it runs; the tool lifts that check (CPU only) so the graph capture, the partitioning into
+forward and backward and the recompute can be checked there with ``aot_eager`` (Inductor has no
+CPU FlexAttention backward).
 """
 
 from __future__ import annotations
@@ -71,13 +72,18 @@ def gradients(model, x, y) -> dict[str, torch.Tensor]:
     return {strip(n): p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
+def grad_norm(grads: dict) -> torch.Tensor:
+    """The norm of the whole gradient (all parameters as one vector)."""
+    return torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+
+
 def compare(ref: dict, got: dict, floor: float = 1e-3) -> tuple[float, str]:
     """Worst relative error over the parameters, each against max(its gradient's norm, ``floor``
     x the whole gradient's norm). The floor matters where a gradient is zero in exact arithmetic
     and both runs hold rounding noise: compress_k's fc2 bias shifts every compressed key of a
     query by the same q·b, which the softmax ignores. It also shrinks a real error on a tensor
     whose gradient is far below the floor, so the tool prints the unfloored worst too."""
-    total = torch.sqrt(sum(g.pow(2).sum() for g in ref.values()))
+    total = grad_norm(ref)
     worst, where = 0.0, ""
     for n, g in ref.items():
         e = ((got[n] - g).norm() / torch.maximum(g.norm(), floor * total).clamp_min(1e-30)).item()
@@ -130,7 +136,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed + 1)
     x, y = (torch.randint(0, 512, (1, args.seq), generator=gen).to(device) for _ in range(2))
     ref = gradients(copy.deepcopy(base), x, y)
-    ref_norm = torch.sqrt(sum(g.pow(2).sum() for g in ref.values())).item()
+    ref_norm = grad_norm(ref).item()
     print(f"eager, no checkpointing: grad norm {ref_norm:.6g}", flush=True)
     rows, ok = [], True
     for ac in args.ac:
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
                      model_compile_enabled=True, op_sac_save_list=_op_sac_save_list)
         apply_compile(m, Compile(enable=True, components=["model"], backend=backend))
         got = gradients(m, x, y)
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in got.values())).item()
+        norm = grad_norm(got).item()
         worst, where = compare(ref, got)
         raw, raw_where = compare(ref, got, floor=0.0)   # shown, not judged: see compare()
         good = worst <= tol
