@@ -30,13 +30,16 @@ from .selected import positions_per_tile
 
 def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_block: int,
                         kv_block: int, mask_mod, full_width: bool = False,
-                        narrow_q: bool = False, q_splits: int = 1) -> BlockMask:
+                        narrow_q: bool = False, q_splits: int = 1,
+                        full_tiles: bool = True) -> BlockMask:
     """BlockMask of the selected branch from ``indices`` [B, Hkv, T, n] (−1 unused; a position's
     blocks distinct, as top-n gives them), in the packed-GQA layout (T·G query rows, T keys);
     ``kv_block`` must divide l' = ``sel_block``. ``full_width`` pads the KV lists to all T/kv_block
     columns (Inductor's CPU FlexAttention kernel requires that width). ``narrow_q``: the partial
     query-side lists kv_block·G/q_block wide where a tile holds one position (G divisible by
-    q_block; else, or with ``full_width``, as wide as the query tiles).
+    q_block; else, or with ``full_width`` or without full tiles, as wide as the query tiles). ``full_tiles=False``: no
+    tile is marked full (every listed tile is partial, its mask_mod evaluated) and the mask has
+    no full lists — the same pairs attended, without the full query-side lists [B, Hkv, Nkv, Mq].
 
     ``q_splits`` = S > 1: the mask of S consecutive chunks of query tiles as batch entries
     s·B + b (chunk-major, as :func:`masks.packing.split_rows` lays out the queries), each over all
@@ -74,6 +77,8 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     used = first & (k_lo <= hi)                                          # some causal pair
     full = (used & (npos == (hi - lo + 1)) & (k_hi <= lo) & ((s + 1) * kv_block <= T)
             & ((torch.arange(Mq, device=device)[:, None] + 1) * q_block <= q_len))
+    if not full_tiles:
+        full = torch.zeros_like(used)
     partial = used & ~full
     cols = s.clamp(max=Nkv - 1).to(torch.int32)      # entries past a list's count stay in range
 
@@ -109,9 +114,12 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
         return num, (F.pad(idx, (0, rows - Wq)) if full_width and Wq < rows else idx)
 
     kv_num, kv_idx = kv_lists(partial)
-    full_num, full_idx = kv_lists(full)
-    q_num, q_idx = diagonal_q_lists(partial) if narrow_q and group % q_block == 0 else q_lists(partial)
-    full_q_num, full_q_idx = q_lists(full)
+    q_num, q_idx = (diagonal_q_lists(partial) if narrow_q and full_tiles and group % q_block == 0
+                    else q_lists(partial))
+    full_num = full_idx = full_q_num = full_q_idx = None
+    if full_tiles:
+        full_num, full_idx = kv_lists(full)
+        full_q_num, full_q_idx = q_lists(full)
     return BlockMask(seq_lengths=(q_len // S, T), kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num,
                      q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from masks import (compressed_mask, compressed_tiles, forced_blocks_mask,
+from masks import (causal_mask, compressed_mask, compressed_tiles, forced_blocks_mask,
                    forced_blocks_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
                    selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
                    tile_keys, tile_positions, unpack_gqa, without_forced)
@@ -110,7 +110,16 @@ def selected_branch_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int,
     if q_splits > 1:
         mask_mod = split_mask_mod(mask_mod, q_splits, T * group // q_splits, B)
     return selected_block_mask(idx, cfg.sel_block, group, qb, kb, mask_mod, full_width=full_width,
-                               narrow_q=bool(tuning.SEL_NARROW_Q_LISTS), q_splits=q_splits)
+                               narrow_q=bool(tuning.SEL_NARROW_Q_LISTS), q_splits=q_splits,
+                               full_tiles=bool(tuning.SEL_FULL_TILES))
+
+
+def _causal_only(cfg: NSAConfig, group: int, use_flex: bool) -> bool:
+    """Whether the selected BlockMask's mask_mod is causality alone: FlexAttention over narrow
+    lists (which list exactly the selected blocks' tiles) with one position per query tile, so
+    that every key of a listed tile lies in a block its position selected (tuning.SEL_CAUSAL_ONLY)."""
+    return (use_flex and bool(tuning.SEL_CAUSAL_ONLY) and group % tuning.sel_q_block() == 0
+            and _narrow_lists(cfg, _sel_kv_block(cfg)))
 
 
 def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
@@ -159,8 +168,11 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     split = _forced_static(cfg)
     if split:
         idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
-    table = selection_table(idx, cfg.num_sel_blocks(T))              # [B, Hkv, T, Ts]
-    mask_mod = selected_mask(table, cfg.sel_block, group)
+    if _causal_only(cfg, group, use_flex):
+        table, mask_mod = None, causal_mask(group)   # no selection table: see _causal_only
+    else:
+        table = selection_table(idx, cfg.num_sel_blocks(T))          # [B, Hkv, T, Ts]
+        mask_mod = selected_mask(table, cfg.sel_block, group)
     narrow = None   # else attend builds it from the tiles
     if _narrow_lists(cfg, kb):
         narrow = functools.partial(selected_branch_block_mask, idx, table, mask_mod, cfg, group,

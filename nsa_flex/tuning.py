@@ -57,6 +57,25 @@ SEL_NARROW_LISTS = 1
 # count, so the backward assumes lists that wide. Padded, no memory is saved; hence refused on
 # CUDA by the operator. 0.
 SEL_NARROW_Q_LISTS = 0
+# 1: with SEL_NARROW_LISTS and one position per selected tile, the selected BlockMask's mask_mod
+# is causality alone (every key of a listed tile lies in a block of that position's selection),
+# so the [B, Hkv, T, Ts] selection table (288 MiB at 64k) is neither built nor saved for the
+# backward, and partial tiles read no table. Tested on CPU (compiled FlexAttention against the
+# dense path of the table's mask). Measured on an H200 at 64k (paper config, D = 128, bf16, both
+# in one run): 204.67 ms fwd+bwd and 13027 MiB peak vs 206.18 ms and 13315 MiB with 0 (cuDNN
+# 457.6 / 459.7 ms, 11648 MiB). GPU gradient check passed with it (T = 4096, Dk = 192, with
+# SEL_FULL_TILES = 0: fp32 1.5e-6, bf16 3.7e-3). 1.
+SEL_CAUSAL_ONLY = 1
+# 0: with SEL_NARROW_LISTS, no selected tile is marked full: every listed tile is partial (its
+# mask_mod evaluated — causality alone with SEL_CAUSAL_ONLY) and the mask has no full lists.
+# The full query-side lists [B, Hkv, Nkv, T·G/q_block] int32 go (1 GiB of the selected
+# BlockMask's 2 GiB at 64k with 16-row tiles: FlexAttention's backward needs its query lists
+# that wide, see SEL_NARROW_Q_LISTS), for a mask evaluation in every tile. Measured on an H200
+# at 64k (paper config, D = 128, bf16, both in one run): 202.68 ms fwd+bwd and 11986 MiB peak vs
+# 204.06 ms and 13027 MiB with 1 (cuDNN 456.2 / 451.9 ms, 11648 MiB); the selected BlockMask
+# 1041 MiB per layer instead of 2082. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.5e-6,
+# bf16 3.7e-3). 0.
+SEL_FULL_TILES = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # > 0: each chunk of positions scores only the compressed blocks it can see (those complete

@@ -135,3 +135,30 @@ def test_timings_and_peak_hold_no_earlier_forward(bench, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     row = bench.fwd_and_fwdbwd(run, [x])
     assert row["finite"] and alive_at_timing == [[False]] * 3
+
+
+@pytest.mark.parametrize("full_tiles", [1, 0])
+def test_selected_blockmask_mib_is_what_the_operator_builds(bench, monkeypatch, full_tiles):
+    """The reported size of the selected BlockMask equals the lists the operator's builder
+    returns on CUDA (narrow KV lists, query splits), with and without full tiles."""
+    import torch
+
+    from nsa_flex import NSAConfig
+    from nsa_flex.backends import effective_splits
+    monkeypatch.setattr(bench.op.tuning, "SEL_FULL_TILES", full_tiles)
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, window=512)
+    T, Hq, Hkv = 4096, 32, 2
+    G, Ts = Hq // Hkv, cfg.num_sel_blocks(T)
+    idx = torch.randint(0, Ts, (1, Hkv, T, cfg.sel_topn), generator=torch.Generator().manual_seed(0))
+    idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)
+    idx = torch.sort(idx, -1).values
+    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
+    S = effective_splits(bench.op.tuning.Q_SPLITS.get("slc", 1), T * G, bench.op.tuning.sel_q_block())
+    bm = bench.op.selected_branch_block_mask(idx, None, bench.op.causal_mask(G), cfg, G,
+                                             full_width=False, q_splits=S)
+    lists = [getattr(bm, n) for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                      "full_kv_indices", "q_num_blocks", "q_indices",
+                                      "full_q_num_blocks", "full_q_indices")]
+    built = sum(t.numel() * t.element_size() for t in lists if t is not None) / 2**20
+    assert (lists[2] is None) == (not full_tiles)
+    assert abs(bench.selected_blockmask_mib(T, Hq, Hkv, cfg) - built) < 0.06, built

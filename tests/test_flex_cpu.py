@@ -102,6 +102,18 @@ def test_query_splits_and_one_position_tiles_match_dense(batch, narrow):
                             SEL_NARROW_Q_LISTS=narrow, Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
+@pytest.mark.parametrize("causal_only,full_tiles", [(0, 1), (1, 0), (0, 0)])
+def test_selected_mask_mod_and_full_tiles_match_dense(causal_only, full_tiles):
+    """SEL_CAUSAL_ONLY (causality as the selected mask_mod, no selection table) and
+    SEL_FULL_TILES=0 (every listed tile partial, no full lists), each way, with one-position
+    tiles and query splits: compiled FlexAttention (CPU forward) equals the dense path of the
+    selection table's mask. (The defaults, 1 and 1, run in the test above.)"""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    _compiled_matches_dense(cfg, 2, 256, 16, 1, seed=7, SEL_Q_BLOCK=16, SEL_NARROW_LISTS=1,
+                            SEL_CAUSAL_ONLY=causal_only, SEL_FULL_TILES=full_tiles,
+                            Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
+
+
 def test_query_splits_as_views_match_dense():
     """SPLIT_VIEWS: the split queries as a strided view (batch 1), compiled FlexAttention (CPU
     forward) equals the dense path."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import masks as M
+from masks.readback import PARTIAL
 
 SIZES = [(37, 1, 16, 16), (53, 2, 16, 32), (45, 4, 32, 16), (29, 16, 64, 16), (70, 3, 32, 32)]
 
@@ -129,6 +130,54 @@ def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
             assert torch.equal(M.tile_states(bm, transposed), M.tile_states(want, transposed))
         check_block_mask(bm, M.computed_mask(want))
     check_block_mask(got, M.computed_mask(want))
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES + ONE_POSITION_SIZES)
+@pytest.mark.parametrize("lp", [16, 32])
+def test_selected_lists_without_full_tiles(T, G, QB, KB, lp):
+    """full_tiles=False: the tiles the default lists, all partial, no full lists; FlexAttention
+    computes the same pairs (both directions), the mask_mod evaluated everywhere."""
+    if lp % KB:
+        pytest.skip("the narrow builder needs kv_block | l'")
+    B, H, n = 2, 2, 3
+    Ts = -(-T // lp)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T + lp)
+    table = M.selection_table(idx, Ts)
+    mm = M.selected_mask(table, lp, G)
+    want = M.selected_block_mask(idx, lp, G, QB, KB, mm)
+    got = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_tiles=False, narrow_q=True)
+    assert got.full_kv_num_blocks is None and got.full_q_indices is None
+    assert got.q_indices.shape[-1] == -(-T * G // QB)     # narrow_q needs full tiles
+    for transposed in (False, True):
+        st = M.tile_states(want, transposed)
+        assert torch.equal(M.tile_states(got, transposed), torch.where(st > 0, PARTIAL, 0).to(st.dtype))
+    check_block_mask(got, M.computed_mask(want))
+    assert_row_major(got)
+    if T * G % (2 * QB) == 0:
+        chunks = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_tiles=False, q_splits=2)
+        assert chunks.full_q_num_blocks is None and chunks.kv_num_blocks.shape[0] == 2 * B
+
+
+@pytest.mark.parametrize("T,G,QB,KB", ONE_POSITION_SIZES)
+@pytest.mark.parametrize("full_tiles", [True, False])
+def test_one_position_tiles_need_only_causality(T, G, QB, KB, full_tiles):
+    """With one position per query tile, the narrow lists hold only that position's selected
+    blocks, so causality alone as the mask_mod (the operator's SEL_CAUSAL_ONLY) computes the
+    same pairs as the selection table's mask_mod. With several positions per tile it does not
+    (a tile lists the union of its positions' blocks)."""
+    lp = 32 if KB <= 32 else KB
+    B, H, n = 2, 2, 3
+    Ts = -(-T // lp)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T * 3 + G)
+    table = M.selection_table(idx, Ts)
+    want = M.dense_mask(M.selected_mask(table, lp, G), B, H, T * G, T)
+    got = M.selected_block_mask(idx, lp, G, QB, KB, M.causal_mask(G), full_tiles=full_tiles)
+    check_block_mask(got, want)
+    T, G, lp, n = 64, 4, 8, 2                    # two positions per tile: causality is not enough
+    idx = random_selection(1, 1, T, n, T // lp, lp, seed=1)
+    want = M.dense_mask(M.selected_mask(M.selection_table(idx, T // lp), lp, G), 1, 1, T * G, T)
+    several = M.selected_block_mask(idx, lp, G, 2 * G, lp, M.causal_mask(G), full_tiles=full_tiles)
+    assert not torch.equal(M.computed_mask(several), want)
 
 
 def random_selection(B, H, T, n, Ts, lp, seed):
@@ -268,6 +317,8 @@ def assert_row_major(bm):
     tile map once kept its transposed strides: the GPU backward then read the wrong entries)."""
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        if getattr(bm, name) is None:    # a mask without full tiles
+            continue
         assert getattr(bm, name).is_contiguous(), name
         assert getattr(bm, name).stride()[-1] == 1, name
 

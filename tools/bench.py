@@ -211,8 +211,8 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
     on CUDA: int32 KV lists [B, Hkv, Mq, W] (partial and full; W = Nkv, or P·n·l'/kv_block with
     tuning.SEL_NARROW_LISTS), their transposes [B, Hkv, Nkv, Mq] for the backward (the partial
     one kv_block·G/q_block wide with SEL_NARROW_Q_LISTS and one position per tile), and the four
-    count vectors; plus the forced part's mask with SEL_FORCED_STATIC. Query splits only regroup
-    them."""
+    count vectors (the partial ones alone with SEL_FULL_TILES=0); plus the forced part's mask
+    with SEL_FORCED_STATIC. Query splits only regroup them."""
     from masks.selected import positions_per_tile
     G = Hq // Hkv
     qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
@@ -225,6 +225,9 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
         W = positions_per_tile(q_block, G) * cfg.sel_topn * (cfg.sel_block // kv_block) if narrow else Nkv
         Wq = (kv_block * G // q_block if narrow and op.tuning.SEL_NARROW_Q_LISTS and G % q_block == 0
               else Mq)                                                   # partial query lists
+        if narrow and not op.tuning.SEL_FULL_TILES:   # partial lists only, Mq wide on the q side
+            total += 4 * batch * Hkv * (Mq * W + Nkv * Mq + Mq + Nkv)
+            continue
         total += 4 * batch * Hkv * (2 * Mq * W + Nkv * (Mq + Wq) + 2 * Mq + 2 * Nkv)
     return round(total / 2**20, 1)
 
@@ -283,17 +286,22 @@ def parts(x, cfg):
     idx = sel_fn(qp.detach(), kc, lse)
 
     def build(idx):   # the selected branch's BlockMask as its FlexAttention call gets it
-        table = selection_table(idx, cfg.num_sel_blocks(T))
+        if op._causal_only(cfg, G, True):
+            table, mm = None, op.causal_mask(G)
+        else:
+            table = selection_table(idx, cfg.num_sel_blocks(T))
+            mm = selected_mask(table, cfg.sel_block, G)
         S = effective_splits(op.tuning.Q_SPLITS.get("slc", 1), T * G, op.tuning.sel_q_block())
-        bm = op.selected_branch_block_mask(idx, table, selected_mask(table, cfg.sel_block, G), cfg,
-                                           G, full_width=False, q_splits=S)
-        return (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        bm = op.selected_branch_block_mask(idx, table, mm, cfg, G, full_width=False, q_splits=S)
+        return tuple(t for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+                                 bm.full_kv_indices, bm.q_num_blocks, bm.q_indices,
+                                 bm.full_q_num_blocks, bm.full_q_indices) if t is not None)
     build_fn = comp(build)
     out["mask_build"] = {"fwd_ms": timed_ms(lambda: build_fn(idx))}
     lists = build_fn(idx)
     out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in lists) / 2**20
-    out["mask_build"]["mean_kv_tiles_per_q_tile"] = (lists[0] + lists[2]).float().mean().item()
+    listed = lists[0] + (lists[2] if len(lists) == 8 else 0)     # partial (+ full) KV tiles
+    out["mask_build"]["mean_kv_tiles_per_q_tile"] = listed.float().mean().item()
     k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
     slc_fn = comp(lambda qp, k, v, idx: op.selected_branch(qp, k, v, idx, cfg, G, scale, True))
     out["selected"] = fwd_and_fwdbwd(lambda: slc_fn(qp, k_, v_, idx), [qp, k_, v_])
