@@ -22,11 +22,12 @@ import torch
 from masks import (causal_mask, compressed_mask, compressed_tiles, forced_blocks_mask,
                    forced_blocks_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
                    selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
-                   tile_keys, tile_positions, unpack_gqa, without_forced)
+                   tile_keys, tile_positions, without_forced)
 
 from . import tuning
 from .backends import attend, merge_by_lse, split_mask_mod, tiled_block_mask
 from .config import NSAConfig
+from .gating import GatedSum
 from .selection import select_blocks
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -215,20 +216,19 @@ def _nsa(q, k, v, k_cmp, v_cmp, gates, cfg: NSAConfig, k_swa, v_swa, return_indi
     scale = cfg.softmax_scale(Dk)
     qp = pack_gqa(q, Hkv)                                            # [B, Hkv, T·G, Dk]
 
+    # Gated sum (eq. 5), in float32; each branch's term is added right after the branch
+    # (see gating.py for why). (`sliding=False` is for benchmarks against NSA kernels that have
+    # no sliding branch.)
+    gated = GatedSum(gates, T, q.dtype)
     o_cmp, lse_cmp = compressed_branch(qp, k_cmp, v_cmp, cfg, G, scale, use_flex)
+    gated.add(o_cmp, 0)
     # Selection (eqs. 8–12): scores from p_cmp, top-n per KV-head group; no gradient.
     idx = select_blocks(qp.detach(), heads_first(k_cmp).detach(), lse_cmp.detach(), cfg, scale, G, T)
-    o_slc = selected_branch(qp, k, v, idx, cfg, G, scale, use_flex)
-
-    # Gated sum (eq. 5), in float32. (`sliding=False` is for benchmarks against NSA kernels
-    # that have no sliding branch.)
-    g = gates.float()
-    o = g[..., 0:1] * unpack_gqa(o_cmp, T).float() + g[..., 1:2] * unpack_gqa(o_slc, T).float()
+    gated.add(selected_branch(qp, k, v, idx, cfg, G, scale, use_flex), 1)
     if sliding:
         k_w, v_w = (k, v) if k_swa is None else (k_swa, v_swa)
-        o_swa = sliding_branch(qp, k_w, v_w, cfg, G, scale, use_flex)
-        o = o + g[..., 2:3] * unpack_gqa(o_swa, T).float()
-    o = o.to(q.dtype)
+        gated.add(sliding_branch(qp, k_w, v_w, cfg, G, scale, use_flex), 2)
+    o = gated.result()
     if return_indices:
         return o, idx.transpose(1, 2)
     return o

@@ -64,7 +64,7 @@ SEL_NARROW_Q_LISTS = 0
 # dense path of the table's mask). Measured on an H200 at 64k (paper config, D = 128, bf16, both
 # in one run): 204.67 ms fwd+bwd and 13027 MiB peak vs 206.18 ms and 13315 MiB with 0 (cuDNN
 # 457.6 / 459.7 ms, 11648 MiB). GPU gradient check passed with it (T = 4096, Dk = 192, with
-# SEL_FULL_TILES = 0: fp32 1.5e-6, bf16 3.7e-3). 1.
+# SEL_FULL_TILES = 0: fp32 1.8e-6, bf16 3.8e-3, no recompiles). 1.
 SEL_CAUSAL_ONLY = 1
 # 0: with SEL_NARROW_LISTS, no selected tile is marked full: every listed tile is partial (its
 # mask_mod evaluated — causality alone with SEL_CAUSAL_ONLY) and the mask has no full lists.
@@ -73,9 +73,19 @@ SEL_CAUSAL_ONLY = 1
 # that wide, see SEL_NARROW_Q_LISTS), for a mask evaluation in every tile. Measured on an H200
 # at 64k (paper config, D = 128, bf16, both in one run): 202.68 ms fwd+bwd and 11986 MiB peak vs
 # 204.06 ms and 13027 MiB with 1 (cuDNN 456.2 / 451.9 ms, 11648 MiB); the selected BlockMask
-# 1041 MiB per layer instead of 2082. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.5e-6,
-# bf16 3.7e-3). 0.
+# 1041 MiB per layer instead of 2082. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.8e-6,
+# bf16 3.8e-3, no recompiles). 0.
 SEL_FULL_TILES = 0
+# 1: the gated sum's backward writes each branch's output gradient just before that branch's
+# FlexAttention backward (nsa_flex/gating.py, nsa_flex/gate_kernel.py) instead of all three at
+# once in one fused kernel: at 64k (Hq = 64, bf16) those are 1 GiB each, all alive at the peak.
+# Same values. Measured on an H100 at 64k (paper config, D = 128, bf16, both in one run):
+# 10721 MiB peak (below cuDNN's 11648) but 226.10 ms fwd+bwd vs 11986 MiB and 207.13 ms with 0
+# (cuDNN 453.1 / 450.4 ms); the forward is unchanged (80.3 vs 80.1 ms), so the backward lost
+# 19 ms that the three small kernels do not explain (unprofiled). GPU gradient check passed
+# (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3). 0: the time matters every layer, the
+# transient peak once.
+GATE_GRADS_APART = 0
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # > 0: each chunk of positions scores only the compressed blocks it can see (those complete

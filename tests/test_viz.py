@@ -299,16 +299,19 @@ def test_needle_input():
 
 @pytest.mark.parametrize("sel_q_block", [None, 64, 16])
 @pytest.mark.parametrize("narrow", [0, 1])
-def test_tiles_are_the_operators(sel_q_block, narrow, monkeypatch):
+@pytest.mark.parametrize("full_tiles", [0, 1])
+def test_tiles_are_the_operators(sel_q_block, narrow, full_tiles, monkeypatch):
     """The tiles picture reads the BlockMask the operator builds (its tile sizes and states),
     whatever the selected branch's query tile and list builder; the states equal the narrow
-    builder's and the generic tile classification's."""
+    builder's and the generic tile classification's (with SEL_FULL_TILES=0 the narrow builder
+    marks the generic route's full tiles partial)."""
     from masks import block_mask_from_tiles, selected_tiles
-    from masks.readback import tile_states
+    from masks.readback import PARTIAL, tile_states
     from masks.selected_lists import selected_block_mask
     from nsa_flex import tuning
     monkeypatch.setattr(tuning, "SEL_Q_BLOCK", sel_q_block)
     monkeypatch.setattr(tuning, "SEL_NARROW_LISTS", narrow)
+    monkeypatch.setattr(tuning, "SEL_FULL_TILES", full_tiles)
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
     T, G = 200, 4
     g = torch.Generator().manual_seed(3)
@@ -320,9 +323,12 @@ def test_tiles_are_the_operators(sel_q_block, narrow, monkeypatch):
     qb, kb = tuning.sel_q_block(), op._sel_kv_block(cfg)
     mask_mod = selected_mask(table4, cfg.sel_block, G)
     viz = A.selected_block_mask(idx, table4, cfg, G)
-    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, mask_mod, full_width=True)
-    generic = block_mask_from_tiles(*selected_tiles(table4, cfg.sel_block, G, qb, kb), mask_mod,
-                                    T * G, T, qb, kb, 1, 1)
+    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, mask_mod, full_width=True,
+                               full_tiles=bool(full_tiles or not narrow))   # as the viz's route
+    generic = tile_states(block_mask_from_tiles(*selected_tiles(table4, cfg.sel_block, G, qb, kb),
+                                                mask_mod, T * G, T, qb, kb, 1, 1))
+    if narrow and not full_tiles:
+        generic = torch.where(generic > 0, PARTIAL, 0).to(generic.dtype)
     assert viz.BLOCK_SIZE == (qb, kb)
     assert torch.equal(tile_states(viz), tile_states(ours))
-    assert torch.equal(tile_states(viz), tile_states(generic))
+    assert torch.equal(tile_states(viz), generic)
