@@ -37,9 +37,10 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     ``kv_block`` must divide l' = ``sel_block``. ``full_width`` pads the KV lists to all T/kv_block
     columns (Inductor's CPU FlexAttention kernel requires that width). ``narrow_q``: the partial
     query-side lists kv_block·G/q_block wide where a tile holds one position (G divisible by
-    q_block; else, or with ``full_width`` or without full tiles, as wide as the query tiles). ``full_tiles=False``: no
-    tile is marked full (every listed tile is partial, its mask_mod evaluated) and the mask has
-    no full lists — the same pairs attended, without the full query-side lists [B, Hkv, Nkv, Mq].
+    q_block; else, or with ``full_width`` or without full tiles, as wide as the query tiles).
+    ``full_tiles=False``: no tile is marked full (every listed tile is partial, its mask_mod
+    evaluated) and the mask has no full lists — the same pairs attended, without the full
+    query-side lists [B, Hkv, Nkv, Mq].
 
     ``q_splits`` = S > 1: the mask of S consecutive chunks of query tiles as batch entries
     s·B + b (chunk-major, as :func:`masks.packing.split_rows` lays out the queries), each over all
