@@ -68,19 +68,18 @@ def selected_block_mask(indices: torch.Tensor, sel_block: int, group: int, q_blo
     s = torch.sort(tiles, dim=-1).values
     first = (s < Nkv) & torch.cat([torch.ones_like(s[..., :1], dtype=torch.bool),
                                    s[..., 1:] != s[..., :-1]], -1)
-    if P == 1:   # one position (or part of one) per tile: it uses every tile it lists
-        npos = torch.ones_like(s)
-    else:
-        npos = torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)  # positions using s
-    k_lo = s * kv_block
-    k_hi = torch.clamp((s + 1) * kv_block, max=T) - 1
     lo, hi = q_lo[:, None], q_hi[:, None]
-    used = first & (k_lo <= hi)                                          # some causal pair
-    full = (used & (npos == (hi - lo + 1)) & (k_hi <= lo) & ((s + 1) * kv_block <= T)
-            & ((torch.arange(Mq, device=device)[:, None] + 1) * q_block <= q_len))
-    if not full_tiles:
-        full = torch.zeros_like(used)
-    partial = used & ~full
+    used = first & (s * kv_block <= hi)                                  # some causal pair
+    partial = used
+    if full_tiles:
+        if P == 1:   # one position (or part of one) per tile: it uses every tile it lists
+            npos = torch.ones_like(s)
+        else:
+            npos = torch.searchsorted(s, s, right=True) - torch.searchsorted(s, s)  # users of s
+        k_hi = torch.clamp((s + 1) * kv_block, max=T) - 1
+        full = (used & (npos == (hi - lo + 1)) & (k_hi <= lo) & ((s + 1) * kv_block <= T)
+                & ((torch.arange(Mq, device=device)[:, None] + 1) * q_block <= q_len))
+        partial = used & ~full
     cols = s.clamp(max=Nkv - 1).to(torch.int32)      # entries past a list's count stay in range
 
     def by_chunk(x):                                 # [B, H, Mq, ...] -> [S·B, H, Mq / S, ...]

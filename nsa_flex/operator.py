@@ -115,12 +115,16 @@ def selected_branch_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int,
                                full_tiles=bool(tuning.SEL_FULL_TILES))
 
 
-def _causal_only(cfg: NSAConfig, group: int, use_flex: bool) -> bool:
-    """Whether the selected BlockMask's mask_mod is causality alone: FlexAttention over narrow
-    lists (which list exactly the selected blocks' tiles) with one position per query tile, so
-    that every key of a listed tile lies in a block its position selected (tuning.SEL_CAUSAL_ONLY)."""
-    return (use_flex and bool(tuning.SEL_CAUSAL_ONLY) and group % tuning.sel_q_block() == 0
-            and _narrow_lists(cfg, _sel_kv_block(cfg)))
+def selected_mask_mod(idx, cfg: NSAConfig, group: int, use_flex: bool):
+    """(selection table or None, mask_mod) of the selected branch. Causality alone
+    (tuning.SEL_CAUSAL_ONLY) for FlexAttention over narrow lists — which list exactly the selected
+    blocks' tiles — with one position per query tile: every key of a listed tile then lies in a
+    block its position selected, and no [B, Hkv, T, Ts] table is built. Else the table's mask."""
+    if (use_flex and tuning.SEL_CAUSAL_ONLY and group % tuning.sel_q_block() == 0
+            and _narrow_lists(cfg, _sel_kv_block(cfg))):
+        return None, causal_mask(group)
+    table = selection_table(idx, cfg.num_sel_blocks(idx.shape[2]))
+    return table, selected_mask(table, cfg.sel_block, group)
 
 
 def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
@@ -169,11 +173,7 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     split = _forced_static(cfg)
     if split:
         idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
-    if _causal_only(cfg, group, use_flex):
-        table, mask_mod = None, causal_mask(group)   # no selection table: see _causal_only
-    else:
-        table = selection_table(idx, cfg.num_sel_blocks(T))          # [B, Hkv, T, Ts]
-        mask_mod = selected_mask(table, cfg.sel_block, group)
+    table, mask_mod = selected_mask_mod(idx, cfg, group, use_flex)
     narrow = None   # else attend builds it from the tiles
     if _narrow_lists(cfg, kb):
         narrow = functools.partial(selected_branch_block_mask, idx, table, mask_mod, cfg, group,

@@ -28,7 +28,7 @@ from nsa_flex import NSAConfig
 from nsa_flex import operator as op
 from nsa_flex.backends import effective_splits
 from nsa_flex.selection import select_blocks
-from masks import heads_first, selection_table, selected_mask
+from masks import heads_first
 
 CONFIGS = {
     "paper": NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512),
@@ -286,11 +286,7 @@ def parts(x, cfg):
     idx = sel_fn(qp.detach(), kc, lse)
 
     def build(idx):   # the selected branch's BlockMask as its FlexAttention call gets it
-        if op._causal_only(cfg, G, True):
-            table, mm = None, op.causal_mask(G)
-        else:
-            table = selection_table(idx, cfg.num_sel_blocks(T))
-            mm = selected_mask(table, cfg.sel_block, G)
+        table, mm = op.selected_mask_mod(idx, cfg, G, use_flex=True)
         S = effective_splits(op.tuning.Q_SPLITS.get("slc", 1), T * G, op.tuning.sel_q_block())
         bm = op.selected_branch_block_mask(idx, table, mm, cfg, G, full_width=False, q_splits=S)
         return tuple(t for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
