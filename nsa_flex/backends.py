@@ -129,8 +129,14 @@ def effective_splits(requested: int, q_len: int, q_block: int) -> int:
 
 
 def tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
-    """The branch's BlockMask from its tile classification, for S query chunks (S = 1: whole)."""
+    """The branch's BlockMask from its tile classification, for S query chunks (S = 1: whole).
+
+    Tiles without a head dimension (a mask of positions, [Mq, Nkv]) give a BlockMask of one
+    head, which FlexAttention broadcasts over the H heads: at 64k the sliding branch's four
+    lists take 64 MiB instead of 256 with Hkv = 4."""
     any_, all_ = tiles(q_block, kv_block)
+    if any_.dim() < 3:
+        H = 1
     if S > 1:
         Mq, Nkv = any_.shape[-2:]
         any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))

@@ -5,19 +5,16 @@ unpacked to [B, T, Hq, Dv] and cast to the query's dtype.
 
 Memory (tuning.GATE_GRADS_APART): the backward of the plain expression is one fused kernel that
 writes every branch's output gradient g^c · do at once (1 GiB each at 64k with Hq = 64, bf16),
-all alive while the first branch's FlexAttention backward runs. With the knob set, each term
-is added right after its branch (:meth:`GatedSum.add`) through a node whose forward adds
-nothing (zeros: the value comes from the plain sum, computed without autograd) and whose
+all alive while the first branch's FlexAttention backward runs. For a branch set apart, its term
+enters the sum without autograd (the value is the plain sum, same rounding), and a node whose
+forward adds nothing (zeros) is added right after the branch (:meth:`GatedSum.add`); its
 backward writes that branch's packed gradient through an opaque op (:func:`gated_grad`), which
-Inductor cannot merge with the other branches'. The autograd engine runs the most recent ready
-node first, so the backward then computes each branch's output gradient just before that
-branch's backward, and one of them is alive at a time. Same values, same rounding. Off by
-default: measured at 64k it lowers the peak by 1.2 GiB but costs 19 ms (see tuning).
+Inductor cannot merge with the others'. The autograd engine runs the most recent ready node
+first, so that gradient is computed after the later branches' backward, just before its own
+branch's. Off by default (see tuning for the measurements).
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -73,6 +70,9 @@ class _GradOnly(torch.autograd.Function):
         return d_o, d_g, None
 
 
+BRANCHES = ("cmp", "slc", "swa")    # gate index c -> tuning.GATE_GRADS_APART's key
+
+
 class GatedSum:
     """Σ_c g^c · unpack(o^c) in float32, cast to ``dtype``. ``gates`` [B, T, Hq, C]; add the
     branches in order, each right after it is computed; :meth:`result` gives the sum."""
@@ -80,24 +80,25 @@ class GatedSum:
     def __init__(self, gates: torch.Tensor, seq_len: int, dtype: torch.dtype):
         self.g = gates.float()
         self.seq_len, self.dtype = seq_len, dtype
-        self.apart = bool(tuning.GATE_GRADS_APART)
-        self.terms: list[tuple[torch.Tensor, int]] = []
+        self.terms: list[tuple[torch.Tensor, int, bool]] = []
         self.grad_nodes: list[torch.Tensor] = []
 
     def add(self, o: torch.Tensor, c: int) -> None:
         """Branch c's packed output o [B, Hkv, T·G, Dv]."""
-        self.terms.append((o, c))
-        if self.apart and torch.is_grad_enabled():
+        apart = bool(tuning.GATE_GRADS_APART.get(BRANCHES[c], 0)) and torch.is_grad_enabled()
+        self.terms.append((o, c, apart))
+        if apart:
             self.grad_nodes.append(_GradOnly.apply(o, self.g[..., c], self.seq_len))
 
     def result(self) -> torch.Tensor:
-        # With gradient nodes, the value is computed without autograd (they carry the backward).
-        with torch.no_grad() if self.grad_nodes else contextlib.nullcontext():
-            o = None
-            for out, c in self.terms:
-                term = self.g[..., c:c + 1] * unpack_gqa(out, self.seq_len).float()
-                o = term if o is None else o + term
-            o = o.to(self.dtype)
+        o = None
+        for out, c, apart in self.terms:
+            g = self.g[..., c:c + 1]
+            if apart:   # its gradient comes from its node in grad_nodes
+                out, g = out.detach(), g.detach()
+            term = g * unpack_gqa(out, self.seq_len).float()
+            o = term if o is None else o + term
+        o = o.to(self.dtype)
         for z in self.grad_nodes:
             o = o + z
         return o

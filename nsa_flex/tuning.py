@@ -76,16 +76,17 @@ SEL_CAUSAL_ONLY = 1
 # 1041 MiB per layer instead of 2082. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.8e-6,
 # bf16 3.8e-3, no recompiles). 0.
 SEL_FULL_TILES = 0
-# 1: the gated sum's backward writes each branch's output gradient just before that branch's
-# FlexAttention backward (nsa_flex/gating.py, nsa_flex/gate_kernel.py) instead of all three at
-# once in one fused kernel: at 64k (Hq = 64, bf16) those are 1 GiB each, all alive at the peak.
-# Same values. Measured on an H100 at 64k (paper config, D = 128, bf16, both in one run):
-# 10721 MiB peak (below cuDNN's 11648) but 226.10 ms fwd+bwd vs 11986 MiB and 207.13 ms with 0
-# (cuDNN 453.1 / 450.4 ms); the forward is unchanged (80.3 vs 80.1 ms), so the backward lost
-# 19 ms that the three small kernels do not explain (unprofiled). GPU gradient check passed
-# (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3). 0: the time matters every layer, the
-# transient peak once.
-GATE_GRADS_APART = 0
+# Per branch ("cmp", "slc", "swa"), 1: the gated sum's backward writes that branch's output
+# gradient just before the branch's FlexAttention backward (nsa_flex/gating.py,
+# nsa_flex/gate_kernel.py) instead of with the others in one fused kernel: at 64k (Hq = 64, bf16)
+# those are 1 GiB each, all alive at the peak. Same values. Measured on an H100 at 64k (paper
+# config, D = 128, bf16), all three on vs all off, one variant per GPU in one call (--profile):
+# 10721 MiB peak (below cuDNN's 11648) but 228.01 ms fwd+bwd vs 11986 MiB and 208.73 ms (cuDNN
+# 452.5 / 449.8 ms). The forward is unchanged; the selected and sliding FlexAttention backward
+# kernels ran 88.2 and 15.2 ms instead of 74.8 and 10.1 (the compressed one 31.8 vs 32.2) with
+# their gradient from the opaque op. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.8e-6,
+# bf16 3.8e-3). ``GATE_GRADS_APART=1`` in --tune sets all three.
+GATE_GRADS_APART: dict[str, int] = {"cmp": 0, "slc": 0, "swa": 0}
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # > 0: each chunk of positions scores only the compressed blocks it can see (those complete
@@ -142,8 +143,12 @@ def apply(items: list[str]) -> dict:
         val = None if value == "None" else int(value)
         if key and not isinstance(g[knob], dict):
             raise ValueError(f"--tune {item!r}: {knob} is not a per-branch knob; use {knob}=VALUE")
+        if key and key not in g[knob]:
+            raise ValueError(f"--tune {item!r}: {knob} has no branch {key!r}; one of {sorted(g[knob])}")
         if key:
             g[knob][key] = val
+        elif isinstance(g[knob], dict):   # a per-branch knob without a branch: every branch
+            g[knob] = dict.fromkeys(g[knob], val)
         else:
             g[knob] = val
     if AUTOTUNE_BLOCKS:

@@ -276,3 +276,30 @@ def test_fixed_layout_compiles_inside_a_graph():
     want = lists(tiles)
     got = torch.compile(lists, fullgraph=True)(tiles)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_static_masks_have_one_head_that_covers_every_head(S):
+    """A mask of positions (the sliding window here) gives a BlockMask of one head, which
+    FlexAttention broadcasts over the heads: its tiles are exactly those where the mask_mod,
+    evaluated densely for every head, has a key (full: all keys), per query split."""
+    import functools
+    from masks import dense_mask, sliding_window_mask, sliding_window_tiles
+    from nsa_flex.backends import split_mask_mod, tiled_block_mask
+
+    B, H, T, G, qb, kb = 2, 3, 96, 4, 16, 16
+    Lq = T * G
+    tiles = op._static_tiles(functools.partial(sliding_window_tiles, 40), Lq, G, T, "cpu")
+    mm = sliding_window_mask(40, G)
+    bm = tiled_block_mask(tiles, mm, B, H, Lq, T, qb, kb, S)
+    assert bm.kv_indices.shape[:2] == (B * S, 1) and bm.q_indices.shape[:2] == (B * S, 1)
+    want = dense_mask(split_mask_mod(mm, S, Lq // S, B) if S > 1 else mm, B * S, H, Lq // S, T, "cpu")
+    per_tile = want.unflatten(2, (-1, qb)).unflatten(4, (-1, kb))          # [b, h, Mq, qb, Nkv, kb]
+    listed, full = per_tile.any(5).any(3), per_tile.all(5).all(3)
+    got = bm.to_dense().bool().expand(B * S, H, -1, -1)                    # partial + full tiles
+    got_full = torch.zeros_like(got)
+    for m in range(got.shape[2]):
+        n = bm.full_kv_num_blocks[:, 0, m]
+        for b in range(B * S):
+            got_full[b, :, m, bm.full_kv_indices[b, 0, m, :n[b]]] = True
+    assert torch.equal(got, listed) and torch.equal(got_full, full)

@@ -26,6 +26,9 @@ def inputs(dtype, seed=0, B=2, T=48, Hq=8, Hkv=2, D=16):
     return [x.to(dtype).requires_grad_() for x in xs]
 
 
+ALL, NONE, CMP = {"cmp": 1, "slc": 1, "swa": 1}, {"cmp": 0, "slc": 0, "swa": 0}, {"cmp": 1, "slc": 0, "swa": 0}
+
+
 def run(apart, dtype, monkeypatch):
     monkeypatch.setattr(tuning, "GATE_GRADS_APART", apart)
     xs = inputs(dtype)
@@ -35,10 +38,11 @@ def run(apart, dtype, monkeypatch):
     return o.detach(), [x.grad for x in xs]
 
 
+@pytest.mark.parametrize("apart", [ALL, CMP], ids=["all", "cmp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_output_and_gradients_as_the_plain_sum(dtype, monkeypatch):
-    o1, g1 = run(1, dtype, monkeypatch)
-    o0, g0 = run(0, dtype, monkeypatch)
+def test_same_output_and_gradients_as_the_plain_sum(apart, dtype, monkeypatch):
+    o1, g1 = run(apart, dtype, monkeypatch)
+    o0, g0 = run(NONE, dtype, monkeypatch)
     assert torch.equal(o1, o0)                 # the value is the plain sum itself
     for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gates"), g1, g0):
         tol = 1e-6 if dtype == torch.float32 else 1e-2
@@ -113,11 +117,13 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("apart", [1, 0])
+@pytest.mark.parametrize("apart", [ALL, CMP, NONE], ids=["all", "cmp", "none"])
 def test_each_branch_gradient_comes_just_before_its_backward(apart, monkeypatch):
     """The backward writes a branch's output gradient, then runs that branch's attention
-    backward (its matmuls), then the next branch's gradient: never two gradients in a row. The
-    plain sum writes none through gated_grad."""
+    backward (its matmuls), then the next branch's gradient: never two gradients in a row. A
+    branch not set apart writes none through gated_grad; the compressed branch alone set apart
+    writes its gradient after the other branches' backward (the matmuls before it) and before
+    its own."""
     monkeypatch.setattr(tuning, "GATE_GRADS_APART", apart)
     xs = inputs(torch.float32)
     o = nsa_attention(*xs, CFG)
@@ -125,18 +131,29 @@ def test_each_branch_gradient_comes_just_before_its_backward(apart, monkeypatch)
         o.backward(torch.ones_like(o))
     marks = [op for op in log.ops if op in ("nsa_flex.gated_grad", "aten.bmm", "aten.mm")]
     grads = [i for i, op in enumerate(marks) if op == "nsa_flex.gated_grad"]
-    if not apart:
-        assert grads == []
-        return
-    assert len(grads) == 3
+    assert len(grads) == sum(apart.values())
+    if apart is CMP:   # after it: the compressed branch's backward matmuls and nothing else
+        assert grads == [len(marks) - 1 - compressed_backward_matmuls()], marks
     assert all(b - a > 1 for a, b in zip(grads, grads[1:])), marks
-    assert grads[-1] < len(marks) - 1          # the last branch's backward follows its gradient
+    if grads:
+        assert grads[-1] < len(marks) - 1      # the last branch's backward follows its gradient
+
+
+def compressed_backward_matmuls():
+    """The matmuls of the compressed branch's backward alone (the operator's dense route)."""
+    from nsa_flex import operator as op
+    q, k, v, kc, vc, gates = inputs(torch.float32)
+    G = q.shape[2] // k.shape[2]
+    o, _ = op.compressed_branch(pack_gqa(q, k.shape[2]), kc, vc, CFG, G, CFG.softmax_scale(q.shape[-1]), False)
+    with OpLog() as log:
+        o.backward(torch.ones_like(o))
+    return sum(op_ in ("aten.bmm", "aten.mm") for op_ in log.ops)
 
 
 def test_compiled_matches_eager_with_gradients_apart(monkeypatch):
     """The autograd.Function and the opaque op inside a compiled graph (Inductor, CPU): same
     output and gradients as eager."""
-    monkeypatch.setattr(tuning, "GATE_GRADS_APART", 1)
+    monkeypatch.setattr(tuning, "GATE_GRADS_APART", ALL)
     eager, comp = inputs(torch.float32, seed=4), inputs(torch.float32, seed=4)
     o_e = nsa_attention(*eager, CFG)
     torch._dynamo.reset()

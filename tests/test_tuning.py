@@ -21,9 +21,16 @@ def test_apply_sets_knobs_and_dict_entries(restore):
     assert tuning.Q_SPLITS["cmp"] == 3 and tuning.Q_SPLITS["slc"] == slc
     assert tuning.SEL_KV_BLOCK is None
     assert got["Q_SPLITS"]["cmp"] == 3 and got["Q_BLOCK"] == 128
-    for bad in ("NOPE=1", "SEL_Q_BLOCK", "apply=1", "SEL_Q_BLOCK=x"):
+    for bad in ("NOPE=1", "SEL_Q_BLOCK", "apply=1", "SEL_Q_BLOCK=x", "Q_SPLITS.nope=2", "Q_BLOCK.cmp=1"):
         with pytest.raises(ValueError):
             tuning.apply([bad])
+
+
+def test_apply_sets_every_branch_of_a_per_branch_knob_without_a_key(restore):
+    tuning.apply(["GATE_GRADS_APART=1"])
+    assert tuning.GATE_GRADS_APART == {"cmp": 1, "slc": 1, "swa": 1}
+    tuning.apply(["GATE_GRADS_APART=0", "GATE_GRADS_APART.cmp=1"])
+    assert tuning.GATE_GRADS_APART == {"cmp": 1, "slc": 0, "swa": 0}
 
 
 def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, monkeypatch):
