@@ -79,14 +79,19 @@ SEL_FULL_TILES = 0
 # Per branch ("cmp", "slc", "swa"), 1: the gated sum's backward writes that branch's output
 # gradient just before the branch's FlexAttention backward (nsa_flex/gating.py,
 # nsa_flex/gate_kernel.py) instead of with the others in one fused kernel: at 64k (Hq = 64, bf16)
-# those are 1 GiB each, all alive at the peak. Same values. Measured on an H100 at 64k (paper
-# config, D = 128, bf16), all three on vs all off, one variant per GPU in one call (--profile):
-# 10721 MiB peak (below cuDNN's 11648) but 228.01 ms fwd+bwd vs 11986 MiB and 208.73 ms (cuDNN
-# 452.5 / 449.8 ms). The forward is unchanged; the selected and sliding FlexAttention backward
-# kernels ran 88.2 and 15.2 ms instead of 74.8 and 10.1 (the compressed one 31.8 vs 32.2) with
-# their gradient from the opaque op. GPU gradient check passed (T = 4096, Dk = 192: fp32 1.8e-6,
-# bf16 3.8e-3). ``GATE_GRADS_APART=1`` in --tune sets all three.
-GATE_GRADS_APART: dict[str, int] = {"cmp": 0, "slc": 0, "swa": 0}
+# those are 1 GiB each, all alive at the peak (during the sliding branch's backward, the first).
+# Same values. Measured on an H100 at 64k (paper config, D = 128, bf16; one variant per GPU of
+# one four-GPU machine, cuDNN in each process, --profile):
+# - cmp alone (the default): 208.97 ms fwd+bwd, 10789 MiB peak vs 207.45 ms, 11781 MiB with none
+#   (cuDNN 452.1 / 457.3 ms, 11648 MiB); the FlexAttention kernels' device time is the same
+#   (backward 119.9 vs 119.8 ms), the gradient kernel adds 1.1 ms.
+# - cmp and slc: 221.69 ms, 10709 MiB; all three (an earlier call): 228.01 ms, 10721 MiB vs 208.73.
+#   The selected branch's backward kernel runs 88.0 ms instead of 74.3 when its output gradient
+#   comes from the opaque op, and the sliding one 15.2 instead of 10.1; the compressed one is
+#   unchanged (32.1). Unexplained (the same strides in the traced graph).
+# GPU gradient check passed with cmp (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3, no
+# recompiles) and with all three. ``GATE_GRADS_APART=1`` in --tune sets all three.
+GATE_GRADS_APART: dict[str, int] = {"cmp": 1, "slc": 0, "swa": 0}
 # Scoring pass: at most this many fp32 score elements (positions x Hq x Tc) live at once.
 SCORE_CHUNK_ELEMS = 1 << 28
 # > 0: each chunk of positions scores only the compressed blocks it can see (those complete
