@@ -105,10 +105,14 @@ def fixed_layout(bm: BlockMask, backward: bool = True) -> BlockMask:
     on an H100 (torch 2.11), the query-split KV lists [8, 1, 64, 16] came out with strides
     (1024, 8192, 16, 1), a legal layout for a size-1 head dimension that the kernel read past
     its end (illegal memory access), and with two KV heads the gradients were wrong. Copies
-    through an opaque op pin the layout. Other fields of the mask (newer torch's dQ orders)
-    are kept."""
+    through an opaque op pin the layout. The op gets and gives them flattened (1-D), viewed
+    back outside it: at 128k (paper config, H100, torch 2.11) Inductor handed the op the
+    sliding branch's [1, 1, 1024] list as a 1-D buffer and the op's output failed its size check
+    ("wrong number of dimensions"); a 1-D argument has no dimensions to lose. Other fields of
+    the mask (newer torch's dQ orders) are kept."""
     present = [n for n in (_LISTS if backward else _KV_LISTS) if getattr(bm, n) is not None]
-    copies = dict(zip(present, contiguous_copies([getattr(bm, n) for n in present])))
+    flat = contiguous_copies([getattr(bm, n).reshape(-1) for n in present])
+    copies = {n: f.view(getattr(bm, n).shape) for n, f in zip(present, flat)}
     extra = {n: getattr(bm, n) for n in _DQ_ORDERS if hasattr(bm, n)}
     return BlockMask(bm.seq_lengths, *(copies.get(n, getattr(bm, n)) for n in _LISTS),
                      BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod, **extra)

@@ -260,22 +260,26 @@ def test_contiguous_copies_pins_row_major_strides_from_any_layout():
     assert torch.equal(out.kv_indices, kv_idx)
 
 
-def test_fixed_layout_compiles_inside_a_graph():
+@pytest.mark.parametrize("B,H", [(2, 2), (1, 1)])
+def test_fixed_layout_compiles_inside_a_graph(B, H):
     """The pinning op (a custom op) traces under torch.compile(fullgraph=True) and gives the
-    eager lists."""
+    eager lists, row-major, with their shapes (also where batch and heads are 1, as for the
+    sliding branch's lists)."""
     from masks import block_mask_from_tiles
     from masks.causal import causal_mask
     from nsa_flex.backends import _LISTS, fixed_layout
 
     def lists(tiles):
-        bm = block_mask_from_tiles(tiles, tiles, causal_mask(), 384, 256, 64, 64, 2, 2)
+        bm = block_mask_from_tiles(tiles, tiles, causal_mask(), 384, 256, 64, 64, B, H)
         bm = fixed_layout(bm)
         return [getattr(bm, n) for n in _LISTS]
 
-    tiles = torch.rand(2, 2, 6, 4, generator=torch.Generator().manual_seed(0)) < 0.6
+    tiles = torch.rand(B, H, 6, 4, generator=torch.Generator().manual_seed(0)) < 0.6
     want = lists(tiles)
+    torch._dynamo.reset()
     got = torch.compile(lists, fullgraph=True)(tiles)
-    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert all(torch.equal(a, b) and a.shape == b.shape for a, b in zip(want, got))
+    assert all(b.is_contiguous() and b.stride(-1) == 1 and b.stride(0) == b[0].numel() for b in got)
 
 
 @pytest.mark.parametrize("S", [1, 2])
