@@ -139,13 +139,12 @@ def tiled_block_mask(tiles, mask_mod, B, H, Lq, Lk, q_block, kv_block, S):
     head, which FlexAttention broadcasts over the H heads: at 64k the sliding branch's four
     lists take 64 MiB instead of 256 with Hkv = 4."""
     any_, all_ = tiles(q_block, kv_block)
-    if any_.dim() < 3:
-        H = 1
+    heads = H if any_.dim() > 2 else 1
     if S > 1:
         Mq, Nkv = any_.shape[-2:]
-        any_, all_ = (split_rows(t.expand(B, H, Mq, Nkv), S) for t in (any_, all_))
+        any_, all_ = (split_rows(t.expand(B, heads, Mq, Nkv), S) for t in (any_, all_))
         mask_mod = split_mask_mod(mask_mod, S, Lq // S, B)
-    return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, H)
+    return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, heads)
 
 
 def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: int,
