@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 
@@ -252,6 +253,17 @@ if torch.cuda.is_available():
 _DENSE_ON_CUDA = False
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unfit_score_kernel(cfg: NSAConfig, group: int) -> None:
+    """Say once per shape where tuning.SCORE_KERNEL cannot apply (the torch route scores then)."""
+    from .score_kernel import unfit
+    why = unfit(cfg, group)
+    if why:
+        warnings.warn(f"{why}: this model's selection scores take the torch route (same blocks up "
+                      "to rounding, more time and memory); set tuning.SCORE_KERNEL = 0 to silence",
+                      stacklevel=3)
+
+
 @contextlib.contextmanager
 def dense_path():
     """Within this context nsa_attention takes the dense path on CUDA too: the same mask_mods
@@ -279,6 +291,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
     if use_flex:
         refuse_unchecked_knobs()
+        if tuning.SCORE_KERNEL and not torch.compiler.is_compiling():
+            _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
     if use_flex and not torch.compiler.is_compiling():
         return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)
     return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, use_flex)

@@ -121,26 +121,34 @@ def _visible_sel_blocks(cfg: NSAConfig, t1: int, Ts: int) -> int:
 def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
                   cfg: NSAConfig, scale: float, group: int, seq_len: int) -> torch.Tensor:
     """Scores and top-n for every position, chunk by chunk: returns [B, Hkv, T, n] int32 block
-    numbers. Arguments as in :func:`selection_scores`."""
+    numbers. Arguments as in :func:`selection_scores`. With tuning.SCORE_KERNEL (CUDA) the
+    scores of a chunk come from one Triton kernel (score_kernel.py), which keeps no per-head
+    scores, so its chunks are sized by the top-n's int64 keys alone."""
     B, H, _, _ = q_packed.shape
     Tc = k_cmp.shape[2]
-    if tuning.SCORE_KERNEL and q_packed.is_cuda and Tc > 0:
+    Ts = cfg.num_sel_blocks(seq_len)
+    fused = bool(tuning.SCORE_KERNEL) and q_packed.is_cuda and Tc > 0
+    if fused:   # (where the kernel's tiles do not fit, nsa_attention has warned once)
         from . import score_kernel
 
-        score_kernel.check(cfg, group)
-        Ts = cfg.num_sel_blocks(seq_len)
-        p_slc = score_kernel.selection_scores(q_packed, k_cmp, lse_cmp, cfg.cmp_block, cfg.cmp_stride,
-                                              cfg.sel_block, scale, group, seq_len, Ts)
-        chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // (2 * B * H * Ts)))  # int64 keys
-        pos = torch.arange(seq_len, device=q_packed.device)
-        return torch.cat([top_n(p_slc[:, :, t0:t0 + chunk], pos[t0:t0 + chunk], cfg)
-                          for t0 in range(0, seq_len, chunk)], dim=2)
-    chunk = max(1, min(seq_len, tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)))
-    Ts = cfg.num_sel_blocks(seq_len)
+        fused = score_kernel.unfit(cfg, group) is None
+    if fused:
+        chunk = tuning.SCORE_CHUNK_ELEMS // (2 * B * H * Ts)
+        if tuning.TOPN_CAUSAL and tuning.SCORE_CAUSAL_SLICES:   # one chunk per causal slice
+            chunk = min(chunk, -(-seq_len // tuning.SCORE_CAUSAL_SLICES))
+    else:
+        chunk = tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)
+    chunk = max(1, min(seq_len, chunk))
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
-        p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
-                                 group, t0, t1, num_sel=_visible_sel_blocks(cfg, t1, Ts))
+        num_sel = _visible_sel_blocks(cfg, t1, Ts)
+        if fused:   # the kernel stops at each tile's last visible block by itself
+            p_slc = torch.ops.nsa_flex.selection_scores(q_packed, k_cmp, lse_cmp, cfg.cmp_block,
+                                                        cfg.cmp_stride, cfg.sel_block, scale, group,
+                                                        t0, t1, num_sel)
+        else:
+            p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
+                                     group, t0, t1, num_sel=num_sel)
         out.append(top_n(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

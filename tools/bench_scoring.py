@@ -1,0 +1,96 @@
+"""GPU benchmark of the selection pass alone (scores, eqs. 8–10, and top-n, eqs. 11–12): the
+torch route (matmul + pointwise per chunk of positions) against the fused Triton kernel
+(tuning.SCORE_KERNEL = 1, nsa_flex/score_kernel.py), both compiled as the operator compiles
+them, same process, same card, same inputs; median of repeats. Also how often the two select
+the same blocks (the torch route rounds q·k̃ᵀ to bf16, the kernel keeps float32, so near-ties
+may go either way) and, at the first T, both against a float32 torch route.
+
+    python tools/bench_scoring.py --seq 8192 65536 --out tools/results/scoring-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import CONFIGS, bench_ms, make  # noqa: E402
+
+from masks import heads_first, pack_gqa  # noqa: E402
+from nsa_flex import operator as op  # noqa: E402
+from nsa_flex import tuning  # noqa: E402
+from nsa_flex.selection import select_blocks  # noqa: E402
+
+
+def same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of (head, position) whose selected block sets are equal."""
+    return (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[8192, 65536])
+    ap.add_argument("--dims", nargs="+", default=["128:128"], help="Dk:Dv pairs")
+    ap.add_argument("--config", default="paper", choices=list(CONFIGS))
+    ap.add_argument("--hq", type=int, default=64)
+    ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    cfg = CONFIGS[a.config]
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "config": a.config, "Hq": a.hq, "Hkv": a.hkv,
+            "B": 1, "dtype": "bfloat16", "timing": "median, triton do_bench",
+            "command": "python " + " ".join(sys.argv)}
+    rows = []
+    G = a.hq // a.hkv
+
+    def write():
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+    for dims in a.dims:
+        Dk, Dv = map(int, dims.split(":"))
+        for T in a.seq:
+            x = make(T, a.hq, a.hkv, Dk, Dv, cfg)
+            scale = cfg.softmax_scale(Dk)
+            qp = pack_gqa(x["q"], a.hkv)
+            kc = heads_first(x["kc"])
+            cmp = torch.compile(lambda qp, kc, vc: op.compressed_branch(qp, kc, vc, cfg, G, scale, True),
+                                fullgraph=True, dynamic=False)
+            with torch.no_grad():
+                lse = cmp(qp, x["kc"], x["vc"])[1]
+            sel = torch.compile(lambda qp, kc, lse: select_blocks(qp, kc, lse, cfg, scale, G, T),
+                                fullgraph=True, dynamic=False)
+            row = {"T": T, "Dk": Dk, "Dv": Dv}
+            idx = {}
+            for name, flag in (("torch_route", 0), ("kernel", 1)):
+                def run(flag=flag):
+                    tuning.SCORE_KERNEL = flag        # read while tracing; guarded per value
+                    return sel(qp, kc, lse)
+                idx[name] = run()
+                row[f"{name}_ms"] = bench_ms(run)
+                print(json.dumps({"T": T, name: row[f"{name}_ms"]}), flush=True)
+            tuning.SCORE_KERNEL = 0
+            row["same_selection"] = same_sets(idx["torch_route"], idx["kernel"])
+            if T == a.seq[0]:   # against float32 scores (eager torch route on float32 inputs)
+                want = select_blocks(qp.float(), kc.float(), lse, cfg, scale, G, T)
+                row["same_selection_vs_fp32"] = {n: same_sets(i, want) for n, i in idx.items()}
+            row["speedup"] = row["torch_route_ms"] / row["kernel_ms"]
+            rows.append(row)
+            write()
+            print(json.dumps(row), flush=True)
+            del x, qp, kc, lse, idx
+            torch.cuda.empty_cache()
+    print(f"{'T':>7} {'Dk':>4} {'torch route ms':>15} {'kernel ms':>10} {'same sel':>9}")
+    for r in rows:
+        print(f"{r['T']:>7} {r['Dk']:>4} {r['torch_route_ms']:>15.2f} {r['kernel_ms']:>10.2f} "
+              f"{r['same_selection']:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()
