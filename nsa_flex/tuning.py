@@ -108,12 +108,21 @@ SCORE_CAUSAL_SLICES = 4
 # it passed (T=4096, Dk=192: fp32 1.5e-6, no recompiles); that check takes the operator's own
 # selection, so the selection itself is tested on CPU only (the same blocks as with 0). 1.
 TOPN_CAUSAL = 1
-# 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) that
-# writes only [T, Ts] (no per-head [T·Hq, Tc] float32 chunks, no chunk loop unrolled into the
-# compiled graph); CUDA only, G and l'/d powers of two. Measured on an H100 at 64k: correct but
-# slow (~450 ms for the scoring alone vs ~70 ms by matmuls), and at Dk = 192 in fp32 its tiles
-# need 325 KiB of shared memory (limit 227). 0 until the kernel is tuned.
-SCORE_KERNEL = 0
+# 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) per chunk
+# of positions: q·k̃ᵀ on tensor cores, exp, the sum over the group's heads and the pooling into
+# selection blocks in registers, only [positions, Ts] written — no [positions·Hq, Tc] scores
+# through memory. CUDA only, where G and l'/d are powers of two (elsewhere the torch route, with a
+# warning). Its scores stay float32 where the torch route rounds q·k̃ᵀ to bf16 first, so bf16
+# selections are closer to float32 ones (GPU gradient check at T = 4096: 98.5% of selections equal
+# to the float32 run's vs 97.1%). Measured on an H100 (paper config, Hq = 64, Hkv = 4, bf16):
+# - scoring + top-n alone, both routes in one process (tools/bench_scoring.py): 64k 24.50 ms vs
+#   39.26 (Dk = 192: 27.36 vs 39.35), 8k 0.49 vs 0.89; the kernel itself 10.8 ms at 64k.
+# - the operator, fwd+bwd: 64k 194.77 ms, 10757 MiB (cuDNN 450.5 in that process) vs 208.12 ms,
+#   10789 MiB with 0 (another call; cuDNN 438.6); 8k 16.77 vs 16.82, 16k 35.43 vs 36.35 (earlier).
+# - 128k compiled and ran in 101 s wall (519.5 ms fwd+bwd, finite) where the torch route's graph
+#   (256 chunks unrolled) did not finish compiling in 530 s.
+# GPU gradient check passed with it (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3, 0 recompiles). 1.
+SCORE_KERNEL = 1
 # > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
 # equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
 # KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured
