@@ -43,9 +43,9 @@ def _overlap_weight(m, A: tl.constexpr, R: tl.constexpr):
 def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
                    sq_b, sq_h, sq_r, sk_b, sk_h, sk_i, sl_b, sl_h, so_b, so_h, so_t,
                    H, t0, P, Tc, Ts,
-                   SCALE_LOG2: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr, BT: tl.constexpr,
-                   BJ: tl.constexpr, R: tl.constexpr, A: tl.constexpr, L: tl.constexpr,
-                   S: tl.constexpr, IEEE: tl.constexpr):
+                   SCALE_LOG2: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
+                   BT: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, A: tl.constexpr,
+                   L: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     BM: tl.constexpr = BT * G
@@ -144,8 +144,9 @@ def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, c
                  H, t0, t1 - t0, Tc, Ts,
                  # a constant, as FlexAttention bakes its scale (a float argument would reach the
                  # kernel as fp64 when Inductor launches it)
-                 SCALE_LOG2=scale * LOG2E, D=D, DP=max(16, triton.next_power_of_2(D)), G=group, BT=opts["BT"], BJ=opts["BJ"],
-                 R=r, A=a, L=cmp_block, S=cmp_stride, IEEE=q_packed.dtype == torch.float32,
+                 SCALE_LOG2=scale * LOG2E, D=D, DP=max(16, triton.next_power_of_2(D)), G=group,
+                 BT=opts["BT"], BJ=opts["BJ"], R=r, A=a, L=cmp_block, S=cmp_stride,
+                 IEEE=q_packed.dtype == torch.float32,
                  num_warps=opts["num_warps"], num_stages=opts["num_stages"])
     return out
 

@@ -65,7 +65,8 @@ SCRIPT = textwrap.dedent('''
     case(97, 2, 1, 32, 16, 8, 32, 3)
     case(600, 4, 2, 16, 16, 8, 16, 4)      # 38 blocks: early tiles stop before the second step
     case(1200, 32, 2, 16, 32, 16, 64, 5)   # G = 16 as in the paper's shapes; two steps
-    case(1200, 32, 2, 16, 32, 16, 64, 6, torch.float16)   # the 16-bit tiles (128 x 128; the interpreter has no bf16 dot)
+    # the 16-bit tiles (128 x 128); float16, since the interpreter has no bf16 dot
+    case(1200, 32, 2, 16, 32, 16, 64, 6, torch.float16)
     print("ok")
 ''')
 
@@ -109,14 +110,16 @@ def test_fused_selection_on_cuda(monkeypatch, dtype):
     qp = pack_gqa(torch.randn(1, T, Hq, D, device="cuda", generator=g), Hkv)
     kc = torch.randn(1, Hkv, Tc, D, device="cuda", generator=g)
     s = torch.matmul(qp, kc.transpose(-1, -2)) * scale
-    seen = (torch.arange(Tc, device="cuda") * 16 + 31)[None, :] <= (torch.arange(T * G, device="cuda") // G)[:, None]
+    pos = torch.arange(T * G, device="cuda") // G
+    seen = (torch.arange(Tc, device="cuda") * 16 + 31)[None, :] <= pos[:, None]
     lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
     monkeypatch.setattr(tuning, "SCORE_KERNEL", 0)
     want = select_blocks(qp, kc, lse, cfg, scale, G, T)
     q_in, k_in = qp.to(dtype), kc.to(dtype)
     route = select_blocks(q_in, k_in, lse, cfg, scale, G, T)
     monkeypatch.setattr(tuning, "SCORE_KERNEL", 1)
-    got = torch.compile(lambda q, k, l: select_blocks(q, k, l, cfg, scale, G, T), fullgraph=True)(q_in, k_in, lse)
+    fused = torch.compile(lambda q, k, l: select_blocks(q, k, l, cfg, scale, G, T), fullgraph=True)
+    got = fused(q_in, k_in, lse)
 
     def same(a, b):
         return (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
@@ -126,7 +129,8 @@ def test_fused_selection_on_cuda(monkeypatch, dtype):
         assert same(got, want) >= same(route, want) - 0.01, (same(got, want), same(route, want))
 
 
-@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 128), (torch.bfloat16, 192), (torch.float32, 192)])
+@pytest.mark.parametrize("dtype,head_dim",
+                         [(torch.bfloat16, 128), (torch.bfloat16, 192), (torch.float32, 192)])
 def test_kernel_compiles_for_hopper(dtype, head_dim):
     """Ahead-of-time compile for sm90 (no GPU needed) with the tiles the launcher picks: fits the
     card's shared memory, uses tensor-core instructions for 16-bit inputs, and has no float64
