@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .config import NSAConfig
 
 LOG2E = 1.4426950408889634
@@ -110,14 +111,18 @@ def unfit(cfg: NSAConfig, group: int) -> str | None:
 
 
 def tiles(dtype: torch.dtype, head_dim: int, group: int, r: int) -> dict:
-    """The kernel's tile and launch sizes: 128 query rows and 128 compressed blocks a step for
-    16-bit inputs at Dk <= 128; smaller where float32 or a wider head would not fit in shared
-    memory. (GPU tuning of this kernel lives here, next to it.)"""
+    """The kernel's tile and launch sizes from tuning.SCORE_TILES (16-bit inputs at Dk <= 128) or
+    tuning.SCORE_TILES_WIDE (float32, or Dk > 128); a program takes at least one position (G
+    rows) and one selection block (l'/d compressed blocks); float32 runs one pipeline stage.
+    Refuses tiles the kernel cannot run, naming the knob."""
     wide = dtype == torch.float32 or head_dim > 128
-    rows, blocks = (64, 64) if wide else (128, 128)
-    BT = max(1, rows // group)
-    BJ = max(1, blocks // r)
-    return dict(BT=BT, BJ=BJ, num_warps=4 if wide else 8, num_stages=1 if dtype == torch.float32 else 2)
+    name = "SCORE_TILES_WIDE" if wide else "SCORE_TILES"
+    t = getattr(tuning, name)
+    for key in ("rows", "blocks"):
+        if t[key] < 16 or t[key] & (t[key] - 1):
+            raise ValueError(f"tuning.{name}[{key!r}] = {t[key]}: needs a power of two >= 16")
+    return dict(BT=max(1, t["rows"] // group), BJ=max(1, t["blocks"] // r), num_warps=t["warps"],
+                num_stages=1 if dtype == torch.float32 else t["stages"])
 
 
 def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cmp_block: int,

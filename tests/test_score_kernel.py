@@ -84,6 +84,21 @@ def test_fused_scores_match_the_torch_route():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+def test_tiles_come_from_the_tuning_knobs(monkeypatch):
+    from nsa_flex import tuning
+    from nsa_flex.score_kernel import tiles
+
+    assert tiles(torch.bfloat16, 128, 16, 4) == dict(BT=8, BJ=32, num_warps=8, num_stages=2)
+    assert tiles(torch.bfloat16, 192, 16, 4) == dict(BT=4, BJ=16, num_warps=4, num_stages=2)
+    assert tiles(torch.float32, 128, 16, 4)["num_stages"] == 1
+    assert tiles(torch.bfloat16, 128, 256, 4)["BT"] == 1     # at least one position a program
+    monkeypatch.setattr(tuning, "SCORE_TILES", dict(rows=64, blocks=32, warps=4, stages=3))
+    assert tiles(torch.bfloat16, 128, 16, 4) == dict(BT=4, BJ=8, num_warps=4, num_stages=3)
+    monkeypatch.setattr(tuning, "SCORE_TILES", dict(rows=48, blocks=32, warps=4, stages=3))
+    with pytest.raises(ValueError, match=r"SCORE_TILES\['rows'\] = 48"):
+        tiles(torch.bfloat16, 128, 16, 4)
+
+
 def test_kernel_names_what_its_tiles_cannot_take():
     from nsa_flex import NSAConfig
     from nsa_flex.score_kernel import unfit
@@ -129,20 +144,26 @@ def test_fused_selection_on_cuda(monkeypatch, dtype):
         assert same(got, want) >= same(route, want) - 0.01, (same(got, want), same(route, want))
 
 
-@pytest.mark.parametrize("dtype,head_dim",
-                         [(torch.bfloat16, 128), (torch.bfloat16, 192), (torch.float32, 192)])
-def test_kernel_compiles_for_hopper(dtype, head_dim):
-    """Ahead-of-time compile for sm90 (no GPU needed) with the tiles the launcher picks: fits the
-    card's shared memory, uses tensor-core instructions for 16-bit inputs, and has no float64
-    arithmetic (a float launch argument once made the scores fp64 under Inductor)."""
+@pytest.mark.parametrize("dtype,head_dim,tiles", [
+    (torch.bfloat16, 128, None), (torch.bfloat16, 192, None), (torch.float32, 192, None),
+    (torch.bfloat16, 128, dict(rows=64, blocks=64, warps=4, stages=3))])
+def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles):
+    """Ahead-of-time compile for sm90 (no GPU needed) with the tiles the launcher picks (the
+    defaults, and one other choice for --sweep): fits the card's shared memory, uses
+    tensor-core instructions for 16-bit inputs, and has no float64 arithmetic (a float launch
+    argument once made the scores fp64 under Inductor)."""
+    if tiles:
+        from nsa_flex import tuning
+        monkeypatch.setattr(tuning, "SCORE_TILES", tiles)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nsa_flex.score_kernel import LOG2E, _scores_kernel, tiles
+    from nsa_flex import score_kernel
+    from nsa_flex.score_kernel import LOG2E, _scores_kernel
 
     G, r = 16, 4
-    opts = tiles(dtype, head_dim, G, r)
+    opts = score_kernel.tiles(dtype, head_dim, G, r)
     ty = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "out_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("sq_b", "sq_h", "sq_r", "sk_b", "sk_h", "sk_i", "sl_b", "sl_h",

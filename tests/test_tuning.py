@@ -26,6 +26,13 @@ def test_apply_sets_knobs_and_dict_entries(restore):
             tuning.apply([bad])
 
 
+def test_apply_sets_a_scoring_tile(restore):
+    tuning.apply(["SCORE_TILES.rows=64"])
+    assert tuning.SCORE_TILES["rows"] == 64 and tuning.SCORE_TILES["blocks"] == 128
+    with pytest.raises(ValueError, match="no branch 'nope'"):
+        tuning.apply(["SCORE_TILES.nope=1"])
+
+
 def test_apply_sets_every_branch_of_a_per_branch_knob_without_a_key(restore):
     tuning.apply(["GATE_GRADS_APART=1"])
     assert tuning.GATE_GRADS_APART == {"cmp": 1, "slc": 1, "swa": 1}

@@ -6,6 +6,10 @@ the same blocks (the torch route rounds q·k̃ᵀ to bf16, the kernel keeps floa
 may go either way) and, at the first T, both against a float32 torch route.
 
     python tools/bench_scoring.py --seq 8192 65536 --out tools/results/scoring-h100.json
+
+With --sweep ROWS:BLOCKS:WARPS:STAGES ..., it also times the kernel alone (one eager launch over
+the whole sequence) with each of those tiles (tuning.SCORE_TILES, or SCORE_TILES_WIDE at
+Dk > 128), after the routes, and checks each against the first tiles' scores.
 """
 
 from __future__ import annotations
@@ -23,13 +27,42 @@ from bench import CONFIGS, bench_ms, make  # noqa: E402
 
 from masks import heads_first, pack_gqa  # noqa: E402
 from nsa_flex import operator as op  # noqa: E402
-from nsa_flex import tuning  # noqa: E402
+from nsa_flex import score_kernel, tuning  # noqa: E402
 from nsa_flex.selection import select_blocks  # noqa: E402
 
 
 def same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of (head, position) whose selected block sets are equal."""
     return (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
+
+
+def sweep(specs, qp, kc, lse, cfg, scale, G, T):
+    """The kernel alone with each tile spec, one eager launch over all T positions."""
+    knob = "SCORE_TILES_WIDE" if qp.shape[-1] > 128 else "SCORE_TILES"
+    saved, out, first = dict(getattr(tuning, knob)), [], None
+    p = torch.empty(*qp.shape[:2], T, cfg.num_sel_blocks(T), device=qp.device, dtype=torch.float32)
+    try:
+        for spec in specs:
+            rows, blocks, warps, stages = map(int, spec.split(":"))
+            getattr(tuning, knob).update(rows=rows, blocks=blocks, warps=warps, stages=stages)
+            entry = {"tiles": spec}
+            try:
+                def run():
+                    return score_kernel.launch(qp, kc, lse, cfg.cmp_block, cfg.cmp_stride,
+                                               cfg.sel_block, scale, G, 0, T, p)
+                run()
+                if first is None:
+                    first = p.clone()
+                entry["max_rel_diff"] = ((p - first).abs().max() / first.abs().max()).item()
+                entry["kernel_ms"] = bench_ms(run)
+            except Exception as e:   # a tile that does not compile or fit: say so, go on
+                entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            out.append(entry)
+            print(json.dumps({"T": T, "Dk": qp.shape[-1], **entry}), flush=True)
+    finally:
+        getattr(tuning, knob).clear()
+        getattr(tuning, knob).update(saved)
+    return out
 
 
 def main():
@@ -39,6 +72,7 @@ def main():
     ap.add_argument("--config", default="paper", choices=list(CONFIGS))
     ap.add_argument("--hq", type=int, default=64)
     ap.add_argument("--hkv", type=int, default=4)
+    ap.add_argument("--sweep", nargs="*", default=[], metavar="ROWS:BLOCKS:WARPS:STAGES")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     cfg = CONFIGS[a.config]
@@ -81,6 +115,8 @@ def main():
                 want = select_blocks(qp.float(), kc.float(), lse, cfg, scale, G, T)
                 row["same_selection_vs_fp32"] = {n: same_sets(i, want) for n, i in idx.items()}
             row["speedup"] = row["torch_route_ms"] / row["kernel_ms"]
+            if a.sweep:
+                row["sweep"] = sweep(a.sweep, qp, kc, lse, cfg, scale, G, T)
             rows.append(row)
             write()
             print(json.dumps(row), flush=True)
