@@ -126,12 +126,18 @@ SCORE_KERNEL = 1
 # The scoring kernel's tiles (nsa_flex/score_kernel.py): packed query rows per program, compressed
 # blocks per step, warps, pipeline stages. SCORE_TILES for 16-bit inputs at Dk <= 128;
 # SCORE_TILES_WIDE for float32 or Dk > 128, where the first would not fit in shared memory
-# (float32 runs one stage). rows and blocks are powers of two, at least 16 (a program takes at least one position
-# and one selection block).
+# (float32 runs one stage). rows and blocks are powers of two, at least 16 (a program takes at
+# least one position and one selection block).
 # Set one entry from the GPU tools with --tune SCORE_TILES.rows=64. Measured only as set (the
 # kernel 10.8 ms at 64k with the narrow tiles, H100); tools/bench_scoring.py --sweep times others.
 SCORE_TILES: dict[str, int] = {"rows": 128, "blocks": 128, "warps": 8, "stages": 2}
 SCORE_TILES_WIDE: dict[str, int] = {"rows": 64, "blocks": 64, "warps": 4, "stages": 2}
+# 1 (with SCORE_KERNEL): the scoring kernel also ranks (eqs. 11-12): each program keeps its
+# positions' top n keys (the same keys as selection.top_n) in registers, merged step by step, and
+# writes the block numbers, so neither the [positions, Ts] scores nor torch.topk's radix select
+# (13.0 ms at 64k, H100) remain. Same blocks (tested on the CPU against top_n through Triton's
+# interpreter; compiles for sm90). Not yet run on a GPU: 0 until measured.
+SCORE_TOPN_FUSED = 0
 # > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
 # equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
 # KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured

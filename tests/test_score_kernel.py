@@ -71,7 +71,43 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_fused_scores_match_the_torch_route():
+TOP_N_SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from masks import pack_gqa
+    from nsa_flex import NSAConfig
+    from nsa_flex.score_kernel import launch
+    from nsa_flex.selection import selection_scores, top_n
+
+    DEV = os.environ["SCORE_TEST_DEVICE"]
+
+    def case(T, Hq, Hkv, D, l, d, lp, n, seed, t0=0, t1=None):
+        t1 = t1 or T
+        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=n, window=8)
+        g = torch.Generator().manual_seed(seed)
+        G, Tc, Ts = Hq // Hkv, cfg.num_cmp_blocks(T), cfg.num_sel_blocks(T)
+        qp = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv)
+        kc = torch.randn(1, Hkv, Tc, D, generator=g)
+        scale = D ** -0.5
+        s = torch.matmul(qp, kc.transpose(-1, -2)) * scale
+        seen = (torch.arange(Tc) * d + l - 1)[None, :] <= (torch.arange(T * G) // G)[:, None]
+        lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+        ns = min(Ts, (t1 - 1) // lp + 2)
+        p_slc = selection_scores(qp, kc, lse, cfg, scale, G, t0, t1, num_sel=ns)
+        want = top_n(p_slc, torch.arange(t0, t1), cfg)
+        idx = torch.full((1, Hkv, t1 - t0, n), -7, dtype=torch.int32, device=DEV)
+        launch(qp.to(DEV), kc.to(DEV), lse.to(DEV), l, d, lp, scale, G, t0, t1, idx, num_sel=ns,
+               top_n=(n, cfg.n_init, cfg.n_local))
+        assert torch.equal(idx.cpu().sort(-1).values, want.sort(-1).values), (T, l, d, lp, n, t0, t1)
+
+    case(200, 8, 2, 24, 32, 16, 64, 4, 0)           # paper's l, d, l'; a carried block
+    case(300, 4, 1, 16, 16, 16, 16, 5, 1, 40, 260)  # l = d = l', n not a power of two, a chunk
+    case(100, 4, 2, 16, 16, 8, 32, 8, 2)            # fewer blocks (4) than n: -1 pads
+    print("ok")
+''')
+
+
+def _run(script):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     if torch.cuda.is_available():
@@ -79,9 +115,19 @@ def test_fused_scores_match_the_torch_route():
         env.pop("TRITON_INTERPRET", None)
     else:
         env.update(SCORE_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_fused_scores_match_the_torch_route():
+    _run(SCRIPT)
+
+
+def test_fused_top_n_matches_top_n():
+    """Scores and top-n in the kernel (tuning.SCORE_TOPN_FUSED): the blocks selection.top_n
+    picks from the torch route's scores (float32 inputs, so the same keys)."""
+    _run(TOP_N_SCRIPT)
 
 
 def test_tiles_come_from_the_tuning_knobs(monkeypatch):
@@ -110,7 +156,8 @@ def test_kernel_names_what_its_tiles_cannot_take():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the kernel's own route)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_selection_on_cuda(monkeypatch, dtype):
+@pytest.mark.parametrize("topn_fused", [0, 1])
+def test_fused_selection_on_cuda(monkeypatch, dtype, topn_fused):
     """select_blocks through the kernel (compiled, as the operator runs it) against the torch
     route on float32 scores: the same blocks in float32; in bfloat16 (where the torch route rounds
     q·k̃ᵀ to bf16 first and the kernel does not) at least as close to float32 as the torch route."""
@@ -133,6 +180,7 @@ def test_fused_selection_on_cuda(monkeypatch, dtype):
     q_in, k_in = qp.to(dtype), kc.to(dtype)
     route = select_blocks(q_in, k_in, lse, cfg, scale, G, T)
     monkeypatch.setattr(tuning, "SCORE_KERNEL", 1)
+    monkeypatch.setattr(tuning, "SCORE_TOPN_FUSED", topn_fused)
     fused = torch.compile(lambda q, k, l: select_blocks(q, k, l, cfg, scale, G, T), fullgraph=True)
     got = fused(q_in, k_in, lse)
 
@@ -144,14 +192,16 @@ def test_fused_selection_on_cuda(monkeypatch, dtype):
         assert same(got, want) >= same(route, want) - 0.01, (same(got, want), same(route, want))
 
 
-@pytest.mark.parametrize("dtype,head_dim,tiles", [
-    (torch.bfloat16, 128, None), (torch.bfloat16, 192, None), (torch.float32, 192, None),
-    (torch.bfloat16, 128, dict(rows=64, blocks=64, warps=4, stages=3))])
-def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles):
+@pytest.mark.parametrize("dtype,head_dim,tiles,rank", [
+    (torch.bfloat16, 128, None, False), (torch.bfloat16, 192, None, False),
+    (torch.float32, 192, None, False),
+    (torch.bfloat16, 128, dict(rows=64, blocks=64, warps=4, stages=3), False),
+    (torch.bfloat16, 128, None, True)])
+def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles, rank):
     """Ahead-of-time compile for sm90 (no GPU needed) with the tiles the launcher picks (the
-    defaults, and one other choice for --sweep): fits the card's shared memory, uses
-    tensor-core instructions for 16-bit inputs, and has no float64 arithmetic (a float launch
-    argument once made the scores fp64 under Inductor)."""
+    defaults, one other choice for --sweep, and the fused top-n): fits the card's shared memory,
+    uses tensor-core instructions for 16-bit inputs, and has no float64 arithmetic (a float
+    launch argument once made the scores fp64 under Inductor)."""
     if tiles:
         from nsa_flex import tuning
         monkeypatch.setattr(tuning, "SCORE_TILES", tiles)
@@ -165,11 +215,13 @@ def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles):
     G, r = 16, 4
     opts = score_kernel.tiles(dtype, head_dim, G, r)
     ty = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "out_ptr": "*fp32"}
+    sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32",
+           "out_ptr": "*i32" if rank else "*fp32"}
     sig.update({n: "i32" for n in ("sq_b", "sq_h", "sq_r", "sk_b", "sk_h", "sk_i", "sl_b", "sl_h",
                                    "so_b", "so_h", "so_t", "H", "t0", "P", "Tc", "Ts")})
     const = dict(SCALE_LOG2=head_dim ** -0.5 * LOG2E, D=head_dim, DP=triton.next_power_of_2(head_dim),
-                 G=G, BT=opts["BT"], BJ=opts["BJ"], R=r, A=2, L=32, S=16, IEEE=dtype == torch.float32)
+                 G=G, BT=opts["BT"], BJ=opts["BJ"], R=r, A=2, L=32, S=16, IEEE=dtype == torch.float32,
+                 TOPN=rank, N=16 if rank else 1, NP=16 if rank else 1, LP=64, N_INIT=1, N_LOCAL=2)
     sig.update(dict.fromkeys(const, "constexpr"))
     try:
         k = triton.compile(ASTSource(_scores_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
