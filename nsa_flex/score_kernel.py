@@ -68,8 +68,8 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
                    SCALE_LOG2: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
                    BT: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, A: tl.constexpr,
                    L: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr,
-                   TOPN: tl.constexpr = False, N: tl.constexpr = 1, NP: tl.constexpr = 1,
-                   LP: tl.constexpr = 1, N_INIT: tl.constexpr = 0, N_LOCAL: tl.constexpr = 0):
+                   TOPN: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr,
+                   N_INIT: tl.constexpr, N_LOCAL: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     BM: tl.constexpr = BT * G
@@ -179,7 +179,8 @@ def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, c
     Ts = out.shape[-1] if top_n is None else num_sel
     a, r = cmp_block // cmp_stride, sel_block // cmp_stride
     opts = tiles(q_packed.dtype, D, group, r)
-    rank = {}
+    # every constant passed explicitly (the scores-only launch ranks nothing)
+    rank = dict(TOPN=False, N=1, NP=1, LP=sel_block, N_INIT=0, N_LOCAL=0)
     if top_n is not None:
         n, n_init, n_local = top_n
         NP = triton.next_power_of_2(n)
