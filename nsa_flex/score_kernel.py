@@ -51,7 +51,8 @@ def _merge_top(best, pooled, jj, tt, Ts, LP: tl.constexpr, N_INIT: tl.constexpr,
     cur = (tt // LP)[:, None]
     j = jj[None, :]
     cand = (j <= cur) & (j < Ts)
-    forced = cand & ((j < N_INIT) | (j > cur - N_LOCAL))
+    forced = cand & ((j < N_INIT) | (j > cur - N_LOCAL))   # masks.is_forced's rule, restated
+    # for Triton (a jit function calls only jit functions); top_n's _FORCED_KEY is int32's max
     bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)          # scores are >= 0
     key = tl.where(forced, 2147483647, tl.where(cand, bits, -1)).to(tl.int64)
     key = (key << 32) | (Ts - 1 - j).to(tl.int64)

@@ -129,7 +129,7 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     Ts = cfg.num_sel_blocks(seq_len)
     fused = bool(tuning.SCORE_KERNEL) and q_packed.is_cuda and Tc > 0
     if fused:   # (where the kernel's tiles do not fit, nsa_attention has warned once)
-        from . import score_kernel
+        from . import score_kernel   # imports triton: CUDA only
 
         fused = score_kernel.unfit(cfg, group) is None
     if fused:
@@ -143,15 +143,13 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
         num_sel = _visible_sel_blocks(cfg, t1, Ts)
+        args = (cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, scale, group, t0, t1, num_sel)
         if fused and tuning.SCORE_TOPN_FUSED:   # scores and top-n in the kernel
-            out.append(torch.ops.nsa_flex.selected_blocks(
-                q_packed, k_cmp, lse_cmp, cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, scale,
-                group, t0, t1, num_sel, cfg.sel_topn, cfg.n_init, cfg.n_local))
+            out.append(torch.ops.nsa_flex.selected_blocks(q_packed, k_cmp, lse_cmp, *args,
+                                                          cfg.sel_topn, cfg.n_init, cfg.n_local))
             continue
         if fused:   # the kernel stops at each tile's last visible block by itself
-            p_slc = torch.ops.nsa_flex.selection_scores(q_packed, k_cmp, lse_cmp, cfg.cmp_block,
-                                                        cfg.cmp_stride, cfg.sel_block, scale, group,
-                                                        t0, t1, num_sel)
+            p_slc = torch.ops.nsa_flex.selection_scores(q_packed, k_cmp, lse_cmp, *args)
         else:
             p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
                                      group, t0, t1, num_sel=num_sel)
