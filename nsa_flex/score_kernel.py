@@ -148,11 +148,11 @@ def unfit(cfg: NSAConfig, group: int) -> str | None:
 
 
 def tiles(dtype: torch.dtype, head_dim: int, group: int, r: int) -> dict:
-    """The kernel's tile and launch sizes from tuning.SCORE_TILES (16-bit inputs at Dk <= 128) or
-    tuning.SCORE_TILES_WIDE (float32, or Dk > 128); a program takes at least one position (G
+    """The kernel's tile and launch sizes from tuning.SCORE_TILES (16-bit inputs at Dk <= 256) or
+    tuning.SCORE_TILES_WIDE (float32, or Dk > 256); a program takes at least one position (G
     rows) and one selection block (l'/d compressed blocks); float32 runs one pipeline stage.
     Refuses tiles the kernel cannot run, naming the knob."""
-    wide = dtype == torch.float32 or head_dim > 128
+    wide = dtype == torch.float32 or head_dim > 256
     name = "SCORE_TILES_WIDE" if wide else "SCORE_TILES"
     t = getattr(tuning, name)
     for key in ("rows", "blocks"):

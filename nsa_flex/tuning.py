@@ -124,19 +124,22 @@ TOPN_CAUSAL = 1
 # GPU gradient check passed with it (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3, 0 recompiles). 1.
 SCORE_KERNEL = 1
 # The scoring kernel's tiles (nsa_flex/score_kernel.py): packed query rows per program, compressed
-# blocks per step, warps, pipeline stages. SCORE_TILES for 16-bit inputs at Dk <= 128;
-# SCORE_TILES_WIDE for float32 or Dk > 128, where the first would not fit in shared memory
+# blocks per step, warps, pipeline stages. SCORE_TILES for 16-bit inputs at Dk <= 256;
+# SCORE_TILES_WIDE for float32 or Dk > 256, where the first would not fit in shared memory
 # (float32 runs one stage). rows and blocks are powers of two, at least 16 (a program takes at
-# least one position and one selection block).
-# Set one entry from the GPU tools with --tune SCORE_TILES.rows=64. Measured only as set (the
-# kernel 10.8 ms at 64k with the narrow tiles, H100); tools/bench_scoring.py --sweep times others.
-SCORE_TILES: dict[str, int] = {"rows": 128, "blocks": 128, "warps": 8, "stages": 2}
+# least one position and one selection block). Set one entry from the GPU tools with
+# --tune SCORE_TILES.rows=64. Swept on an H100 at 64k (tools/bench_scoring.py --sweep, the kernel
+# alone, bf16; rows:blocks:warps:stages -> ms at Dk = 128 / 192):
+#   128:128:8:2 10.61 / 13.94   128:128:8:3 9.83 / out of shared memory   128:128:4:2 8.81 / 19.05
+#   64:128:4:3 9.58 / 17.99     128:64:8:3 7.97 / 12.96                   64:64:4:3 8.79 / 17.71
+SCORE_TILES: dict[str, int] = {"rows": 128, "blocks": 64, "warps": 8, "stages": 3}
 SCORE_TILES_WIDE: dict[str, int] = {"rows": 64, "blocks": 64, "warps": 4, "stages": 2}
 # 1 (with SCORE_KERNEL): the scoring kernel also ranks (eqs. 11-12): each program keeps its
 # positions' top n keys (the same keys as selection.top_n) in registers, merged step by step, and
 # writes the block numbers, so neither the [positions, Ts] scores nor torch.topk's radix select
-# (13.0 ms at 64k, H100) remain. Same blocks (tested on the CPU against top_n through Triton's
-# interpreter; compiles for sm90). Not yet run on a GPU: 0 until measured.
+# (13.0 ms at 64k) remain. Same blocks (on the GPU too: all equal to the kernel + torch.topk's at
+# 64k). Measured on an H100 (scoring + top-n alone, one process, 128 x 128 tiles): 64k 25.00 ms vs
+# 24.48 with 0 (Dk = 192: 30.31 vs 27.24): the in-register merge costs what the radix select did. 0.
 SCORE_TOPN_FUSED = 0
 # > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
 # equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
@@ -157,15 +160,28 @@ DENSE_CHUNK_ELEMS = 1 << 28
 # below. Keys: fwd_BLOCK_M, fwd_BLOCK_N, fwd_num_stages, fwd_num_warps, bwd_BLOCK_M1, bwd_BLOCK_N1,
 # bwd_BLOCK_M2, bwd_BLOCK_N2, bwd_num_stages, bwd_num_warps.
 KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}, "forced": {}}
+# 1: FlexAttention loads K/V (forward) and Q/dO, K/V (backward) by TMA (kernel option USE_TMA,
+# Hopper; Inductor falls back to plain loads where a tensor's layout does not allow it), per
+# branch, for 16-bit inputs. Measured per branch alone at 64k (tools/bench_branches.py, H100,
+# bf16, D = 128; kernel ms from the profiler): selected backward 75.3 -> 65.8 ms (forward 22.3 ->
+# 21.7); compressed backward 32.8 -> 35.5 and sliding backward 10.9 -> 11.9, slower, so off there.
+TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
+# Warps of the FlexAttention forward for a query tile under 64 rows (the selected branch's
+# one-position tiles), 16-bit inputs; None keeps Inductor's (8, chosen for its 128-row tile).
+# Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2;
+# backward unchanged.
+SMALL_Q_FWD_WARPS: int | None = 2
 
 
 def apply(items: list[str]) -> dict:
-    """Set knobs from ``KNOB=VALUE`` / ``KNOB.key=VALUE`` strings (VALUE an int or None), as the
-    GPU tools' ``--tune`` option does; returns every knob's value in effect."""
+    """Set knobs from ``KNOB=VALUE`` / ``KNOB.key=VALUE`` / ``KNOB.branch.option=VALUE`` strings
+    (VALUE an int or None; the last form for KERNEL_OPTIONS), as the GPU tools' ``--tune`` option
+    does; returns every knob's value in effect."""
     g = globals()
     for item in items:
         name, _, value = item.partition("=")
         knob, _, key = name.partition(".")
+        key, _, option = key.partition(".")
         if not value or knob not in g or not knob.isupper():
             raise ValueError(f"--tune {item!r}: expected KNOB=VALUE with KNOB one of "
                              f"{sorted(n for n in g if n.isupper())}")
@@ -174,8 +190,18 @@ def apply(items: list[str]) -> dict:
             raise ValueError(f"--tune {item!r}: {knob} is not a per-branch knob; use {knob}=VALUE")
         if key and key not in g[knob]:
             raise ValueError(f"--tune {item!r}: {knob} has no branch {key!r}; one of {sorted(g[knob])}")
-        if key:
+        if option and not isinstance(g[knob][key], dict):
+            raise ValueError(f"--tune {item!r}: {knob}.{key} takes a value, not options; "
+                             f"use {knob}.{key}=VALUE")
+        if option:   # KERNEL_OPTIONS.slc.bwd_num_warps=2 (None removes the option)
+            g[knob][key].pop(option, None)
+            if val is not None:
+                g[knob][key][option] = val
+        elif key:
             g[knob][key] = val
+        elif isinstance(g[knob], dict) and any(isinstance(v, dict) for v in g[knob].values()):
+            raise ValueError(f"--tune {item!r}: {knob} takes options per branch: "
+                             f"{knob}.BRANCH.OPTION=VALUE")
         elif isinstance(g[knob], dict):   # a per-branch knob without a branch: every branch
             g[knob] = dict.fromkeys(g[knob], val)
         else:
@@ -193,15 +219,23 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
       3 stages) needs more shared memory than the card has at Dk=192, so use 32x32, 2 stages.
     - a KV tile below 128 (the selected branch with l' = 64): a forward tile of at most 64 keys;
       the backward tile comes from :func:`install_flex_backward_configs`.
+    - 16-bit inputs: TMA loads where tuning.TMA says so for the branch, and SMALL_Q_FWD_WARPS
+      forward warps for a query tile under 64 rows.
     """
     opts: dict = {}
+    rows = q_block or Q_BLOCK
     if dtype == torch.float32:
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
-    elif kv_block < 128:
-        opts.update(fwd_BLOCK_N=min(64, kv_block))
-    if (q_block or Q_BLOCK) < 128:  # a small query tile: the kernel's row block (128 by default
+    else:
+        if kv_block < 128:
+            opts.update(fwd_BLOCK_N=min(64, kv_block))
+        if TMA.get(branch):
+            opts["USE_TMA"] = True
+        if rows < 64 and SMALL_Q_FWD_WARPS:
+            opts["fwd_num_warps"] = SMALL_Q_FWD_WARPS
+    if rows < 128:  # a small query tile: the kernel's row block (128 by default
         # for bf16 at D <= 128 on sm90) must divide it
-        opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), q_block or Q_BLOCK)
+        opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), rows)
     opts.update(KERNEL_OPTIONS.get(branch, {}))
     return opts or None
 

@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent('''
     case(97, 2, 1, 32, 16, 8, 32, 3)
     case(600, 4, 2, 16, 16, 8, 16, 4)      # 38 blocks: early tiles stop before the second step
     case(1200, 32, 2, 16, 32, 16, 64, 5)   # G = 16 as in the paper's shapes; two steps
-    # the 16-bit tiles (128 x 128); float16, since the interpreter has no bf16 dot
+    # the 16-bit tiles (128 x 64); float16, since the interpreter has no bf16 dot
     case(1200, 32, 2, 16, 32, 16, 64, 6, torch.float16)
     print("ok")
 ''')
@@ -134,8 +134,9 @@ def test_tiles_come_from_the_tuning_knobs(monkeypatch):
     from nsa_flex import tuning
     from nsa_flex.score_kernel import tiles
 
-    assert tiles(torch.bfloat16, 128, 16, 4) == dict(BT=8, BJ=32, num_warps=8, num_stages=2)
-    assert tiles(torch.bfloat16, 192, 16, 4) == dict(BT=4, BJ=16, num_warps=4, num_stages=2)
+    assert tiles(torch.bfloat16, 128, 16, 4) == dict(BT=8, BJ=16, num_warps=8, num_stages=3)
+    assert tiles(torch.bfloat16, 192, 16, 4) == dict(BT=8, BJ=16, num_warps=8, num_stages=3)
+    assert tiles(torch.bfloat16, 320, 16, 4) == dict(BT=4, BJ=16, num_warps=4, num_stages=2)
     assert tiles(torch.float32, 128, 16, 4)["num_stages"] == 1
     assert tiles(torch.bfloat16, 128, 256, 4)["BT"] == 1     # at least one position a program
     monkeypatch.setattr(tuning, "SCORE_TILES", dict(rows=64, blocks=32, warps=4, stages=3))

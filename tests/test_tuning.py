@@ -1,5 +1,7 @@
 """nsa_flex.tuning: the --tune parser of the GPU tools and the extra flex backward candidates."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from nsa_flex import tuning
 
 @pytest.fixture
 def restore():
-    saved = {n: (dict(v) if isinstance(v, dict) else v) for n, v in vars(tuning).items() if n.isupper()}
+    saved = {n: copy.deepcopy(v) for n, v in vars(tuning).items() if n.isupper()}
     yield
     for n, v in saved.items():
         setattr(tuning, n, v)
@@ -28,9 +30,25 @@ def test_apply_sets_knobs_and_dict_entries(restore):
 
 def test_apply_sets_a_scoring_tile(restore):
     tuning.apply(["SCORE_TILES.rows=64"])
-    assert tuning.SCORE_TILES["rows"] == 64 and tuning.SCORE_TILES["blocks"] == 128
+    assert tuning.SCORE_TILES["rows"] == 64 and tuning.SCORE_TILES["blocks"] == 64
     with pytest.raises(ValueError, match="no branch 'nope'"):
         tuning.apply(["SCORE_TILES.nope=1"])
+
+
+def test_apply_sets_and_removes_a_kernel_option_of_one_branch(restore):
+    tuning.apply(["KERNEL_OPTIONS.slc.bwd_num_warps=2", "KERNEL_OPTIONS.slc.USE_TMA=1"])
+    assert tuning.KERNEL_OPTIONS["slc"] == {"bwd_num_warps": 2, "USE_TMA": 1}
+    assert tuning.KERNEL_OPTIONS["cmp"] == {}
+    opts = tuning.kernel_options("slc", torch.bfloat16, 128, 64, 16)
+    assert opts["bwd_num_warps"] == 2 and opts["USE_TMA"] == 1 and opts["fwd_BLOCK_M"] == 16
+    tuning.apply(["KERNEL_OPTIONS.slc.USE_TMA=None"])
+    assert tuning.KERNEL_OPTIONS["slc"] == {"bwd_num_warps": 2}
+    with pytest.raises(ValueError, match="takes a value, not options"):
+        tuning.apply(["Q_SPLITS.cmp.x=1"])
+    with pytest.raises(ValueError, match="no branch 'nope'"):
+        tuning.apply(["KERNEL_OPTIONS.nope.bwd_num_warps=1"])
+    with pytest.raises(ValueError, match="takes options per branch"):
+        tuning.apply(["KERNEL_OPTIONS=1"])
 
 
 def test_apply_sets_every_branch_of_a_per_branch_knob_without_a_key(restore):

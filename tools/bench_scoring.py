@@ -10,7 +10,7 @@ may go either way) and, at the first T, both against a float32 torch route.
 
 With --sweep ROWS:BLOCKS:WARPS:STAGES ..., it also times the kernel alone (one eager launch over
 the whole sequence) with each of those tiles (tuning.SCORE_TILES, or SCORE_TILES_WIDE at
-Dk > 128), after the routes, and checks each against the first tiles' scores.
+Dk > 256), after the routes, and checks each against the first tiles' scores.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def sweep(specs, qp, kc, lse, cfg, scale, G, T):
     """The kernel alone with each tile spec, one eager launch over all T positions."""
-    knob = "SCORE_TILES_WIDE" if qp.shape[-1] > 128 else "SCORE_TILES"
+    knob = "SCORE_TILES_WIDE" if qp.shape[-1] > 256 else "SCORE_TILES"
     saved, out, first = dict(getattr(tuning, knob)), [], None
     p = torch.empty(*qp.shape[:2], T, cfg.num_sel_blocks(T), device=qp.device, dtype=torch.float32)
     try:
