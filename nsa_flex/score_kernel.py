@@ -90,7 +90,10 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
     m = tl.arange(0, R)
     w_in = _overlap_weight(m + A - 1, A, R)           # block j·r + m in its own selection block j
     w_next = _overlap_weight(m - R + A - 1, A, R)     # ... and in block j + 1 (last a − 1 only)
-    shift = (y[:, None] + 1 == y[None, :]).to(tl.float32)           # [BJ, BJ]: column y -> y + 1
+    # [BJ, BJ]: column y -> y + 1. Applied by a select and a sum, not a product: Triton may turn
+    # a sum of broadcast products into a dot (TF32 for float32 on the GPU's triton 3.6, once
+    # BT, BJ >= 16, e.g. at G = 4), which rounded the carried scores.
+    shift = y[:, None] + 1 == y[None, :]
     tt = t0 + pid_t * BT + tl.arange(0, BT)
     out_rows = out_ptr + b * so_b + h * so_h + (tt - t0)[:, None] * so_t
     # causality: the tile's last position sees compressed blocks i <= i_max, which reach selection
@@ -115,7 +118,7 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
         pooled = tl.sum(g3 * w_in[None, None, :], axis=2)                       # eq. 9
         if A > 1:
             nxt = tl.sum(g3 * w_next[None, None, :], axis=2)                    # [BT, BJ]
-            pooled += tl.sum(nxt[:, :, None] * shift[None, :, :], axis=1)
+            pooled += tl.sum(tl.where(shift[None, :, :], nxt[:, :, None], 0.0), axis=1)
             pooled += tl.where(y[None, :] == 0, carry[:, None], 0.0)
             carry = tl.sum(tl.where(y[None, :] == BJ - 1, nxt, 0.0), axis=1)
         jj = j0 + y
