@@ -164,12 +164,16 @@ KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}, "forced": {}
 # Hopper; Inductor falls back to plain loads where a tensor's layout does not allow it), per
 # branch, for 16-bit inputs. Measured per branch alone at 64k (tools/bench_branches.py, H100,
 # bf16, D = 128; kernel ms from the profiler): selected backward 75.3 -> 65.8 ms (forward 22.3 ->
-# 21.7); compressed backward 32.8 -> 35.5 and sliding backward 10.9 -> 11.9, slower, so off there.
+# 21.7); compressed backward 32.8 -> 35.5 and sliding backward 10.9 -> 11.9, slower, so off there
+# (at 8k: 1.34 -> 1.54 and 1.35 -> 1.49). With SMALL_Q_FWD_WARPS and SCORE_TILES below, the
+# operator at 64k: 185.3 ms fwd+bwd vs 202.9 without the three, one run on one H100 (cuDNN
+# 450.6 / 451.9); 10965 vs 10757 MiB. GPU gradient check with the three passed (T = 4096,
+# Dk = 192: fp32 1.9e-6, bf16 3.8e-3, 0 recompiles).
 TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
 # Warps of the FlexAttention forward for a query tile under 64 rows (the selected branch's
 # one-position tiles), 16-bit inputs; None keeps Inductor's (8, chosen for its 128-row tile).
-# Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2;
-# backward unchanged.
+# Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2 (with
+# TMA: 17.0 with 2 or 1); backward unchanged.
 SMALL_Q_FWD_WARPS: int | None = 2
 
 
