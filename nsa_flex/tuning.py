@@ -165,7 +165,7 @@ KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}, "forced": {}
 # branch, for 16-bit inputs. Measured per branch alone at 64k (tools/bench_branches.py, H100,
 # bf16, D = 128; kernel ms from the profiler): selected backward 75.3 -> 65.8 ms (forward 22.3 ->
 # 21.7); compressed backward 32.8 -> 35.5 and sliding backward 10.9 -> 11.9, slower, so off there
-# (at 8k: 1.34 -> 1.54 and 1.35 -> 1.49). With SMALL_Q_FWD_WARPS and SCORE_TILES below, the
+# (at 8k: 1.34 -> 1.54 and 1.35 -> 1.49). With SMALL_Q_FWD_WARPS (below) and SCORE_TILES, the
 # operator at 64k: 185.3 ms fwd+bwd vs 202.9 without the three, one run on one H100 (cuDNN
 # 450.6 / 451.9); 10965 vs 10757 MiB. GPU gradient check with the three passed (T = 4096,
 # Dk = 192: fp32 1.9e-6, bf16 3.8e-3, 0 recompiles).
