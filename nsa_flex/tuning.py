@@ -252,11 +252,49 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
 EXTRA_BWD_CONFIG = (64, 64, 64, 64)  # BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2
 
 
+# 1: the selected branch's backward computes dQ in steps of 64 keys (its KV tile) instead of
+# steps as small as its query tile (16 keys with one-position tiles: 64 steps per query tile, 16M
+# steps at 64k). Inductor's FlexAttention backward template asserts BLOCK_M2 % BLOCK_N2 == 0,
+# which its dQ loop over a tile's sparse KV blocks does not need (the loop steps BLOCK_N2 keys
+# at a time within each listed block; nothing else relates the two); this knob removes that one
+# line from the template (allow_wide_dq_steps) and offers (q, 64, q, 64) instead of (q, 64, q, q).
+# Not run on a GPU yet (CPU-tested: the template differs by that line only): 0 until measured and
+# gradient-checked there (tools/bench_branches.py --sets "" "SEL_DQ_WIDE_STEPS=1", check_gpu.py).
+SEL_DQ_WIDE_STEPS = 0
+DQ_STEP_ASSERT = "tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0)"
+
+
 def small_q_bwd_config(q_block: int) -> tuple[int, int, int, int]:
     """Backward tile offered too while the selected query tile is under 64 rows (16 rows: one
     position at G = 16). The flex backward template asserts BLOCK_N1 % BLOCK_M1 == 0 and
-    BLOCK_M2 % BLOCK_N2 == 0, and a tile must divide its sparse block: (q, 64, q, q)."""
-    return (q_block, 64, q_block, q_block)
+    BLOCK_M2 % BLOCK_N2 == 0, and a tile must divide its sparse block: (q, 64, q, q); with
+    SEL_DQ_WIDE_STEPS (which lifts the second assert) (q, 64, q, 64)."""
+    return (q_block, 64, q_block, 64 if SEL_DQ_WIDE_STEPS else q_block)
+
+
+def allow_wide_dq_steps() -> bool:
+    """Remove DQ_STEP_ASSERT from Inductor's FlexAttention backward template (idempotent; see
+    SEL_DQ_WIDE_STEPS). Returns False where this torch has no such template; raises where the
+    template lacks the line (a torch this was not written for), rather than run unpatched."""
+    try:
+        from torch._inductor.kernel.flex import flex_attention as fa
+        from torch._inductor.kernel.flex.common import load_flex_template
+        template = fa.flex_attention_backward_template
+    except (ImportError, AttributeError):
+        return False
+    if getattr(template, "_nsa_flex_wide_dq", False):
+        return True
+    source = load_flex_template("flex_backwards") + load_flex_template("utilities")
+    if source.count(DQ_STEP_ASSERT) != 1:
+        raise RuntimeError(f"tuning.SEL_DQ_WIDE_STEPS=1: this torch's FlexAttention backward "
+                           f"template does not assert {DQ_STEP_ASSERT!r} once; set it to 0")
+    import hashlib
+    source = source.replace(DQ_STEP_ASSERT, "pass  # nsa_flex: dQ steps may be wider than the query tile")
+    template.template = template._template_from_string(source)
+    template._hash = hashlib.sha256(source.encode("utf-8")).hexdigest()   # new kernels, new cache keys
+    template._nsa_flex_source = source
+    template._nsa_flex_wide_dq = True
+    return True
 
 
 def sel_q_block() -> int:
@@ -282,6 +320,8 @@ def install_flex_backward_configs() -> bool:
         return True
 
     def get_flex_attn_bwd_configs(self, head_dim, dtype):
+        if SEL_DQ_WIDE_STEPS and sel_q_block() < 64:
+            allow_wide_dq_steps()
         configs = list(original(self, head_dim, dtype))
         have = {(c.block_m1, c.block_n1, c.block_m2, c.block_n2) for c in configs}
         extra = ([EXTRA_BWD_CONFIG] if dtype != torch.float32 else []) + \

@@ -90,6 +90,40 @@ def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, mon
     assert n1 % m1 == 0 and m2 % n2 == 0
 
 
+def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, monkeypatch):
+    try:
+        from torch._inductor.kernel.flex import flex_attention as fa
+        from torch._inductor.kernel.flex.common import load_flex_template
+        from torch._inductor.template_heuristics import triton as heuristics
+    except ImportError as e:
+        pytest.skip(f"this torch has no flex backward template to patch: {e}")
+    template = fa.flex_attention_backward_template
+    for name in ("template", "_hash", "_nsa_flex_source", "_nsa_flex_wide_dq"):   # undone after
+        if hasattr(template, name):
+            monkeypatch.setattr(template, name, getattr(template, name))
+        else:
+            monkeypatch.setattr(template, name, None, raising=False)
+    original = load_flex_template("flex_backwards") + load_flex_template("utilities")
+    before, hash_before = template.template, template._hash
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    assert tuning.install_flex_backward_configs()
+    heuristic = heuristics.CUDAConfigHeuristic()
+    blocks = lambda: {(c.block_m1, c.block_n1, c.block_m2, c.block_n2)
+                      for c in heuristic.get_flex_attn_bwd_configs(128, torch.bfloat16)}
+    assert (16, 64, 16, 16) in blocks() and template.template is before   # off: untouched
+
+    tuning.apply(["SEL_DQ_WIDE_STEPS=1"])
+    got = blocks()
+    assert (16, 64, 16, 64) in got and (16, 64, 16, 16) not in got
+    assert template.template is not before and template._hash != hash_before
+    old_lines, new_lines = original.splitlines(), template._nsa_flex_source.splitlines()
+    changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
+    assert len(old_lines) == len(new_lines) and len(changed) == 1
+    assert changed[0][0].strip() == tuning.DQ_STEP_ASSERT and "static_assert" not in changed[0][1]
+    assert tuning.allow_wide_dq_steps()                       # idempotent
+    assert template._nsa_flex_source.count("BLOCK_N1 % BLOCK_M1 == 0") == 1   # the other stays
+
+
 
 def test_block_shape_sizes_scalar_trees_as_constants():
     import sympy
