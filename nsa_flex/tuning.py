@@ -274,20 +274,21 @@ def small_q_bwd_config(q_block: int) -> tuple[int, int, int, int]:
 
 def allow_wide_dq_steps() -> bool:
     """Remove DQ_STEP_ASSERT from Inductor's FlexAttention backward template (idempotent; see
-    SEL_DQ_WIDE_STEPS). Returns False where this torch has no such template; raises where the
-    template lacks the line (a torch this was not written for), rather than run unpatched."""
+    SEL_DQ_WIDE_STEPS). Raises where this torch has no such template or the template lacks the
+    line (a torch this was not written for), rather than offer 64-key steps unpatched."""
+    refuse = RuntimeError(f"tuning.SEL_DQ_WIDE_STEPS=1: this torch's FlexAttention backward "
+                          f"template does not assert {DQ_STEP_ASSERT!r} once; set it to 0")
     try:
         from torch._inductor.kernel.flex import flex_attention as fa
         from torch._inductor.kernel.flex.common import load_flex_template
         template = fa.flex_attention_backward_template
-    except (ImportError, AttributeError):
-        return False
+    except (ImportError, AttributeError) as e:
+        raise refuse from e
     if getattr(template, "_nsa_flex_wide_dq", False):
         return True
     source = load_flex_template("flex_backwards") + load_flex_template("utilities")
     if source.count(DQ_STEP_ASSERT) != 1:
-        raise RuntimeError(f"tuning.SEL_DQ_WIDE_STEPS=1: this torch's FlexAttention backward "
-                           f"template does not assert {DQ_STEP_ASSERT!r} once; set it to 0")
+        raise refuse
     import hashlib
     source = source.replace(DQ_STEP_ASSERT, "pass  # nsa_flex: dQ steps may be wider than the query tile")
     template.template = template._template_from_string(source)

@@ -122,6 +122,13 @@ def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, mo
     assert changed[0][0].strip() == tuning.DQ_STEP_ASSERT and "static_assert" not in changed[0][1]
     assert tuning.allow_wide_dq_steps()                       # idempotent
     assert template._nsa_flex_source.count("BLOCK_N1 % BLOCK_M1 == 0") == 1   # the other stays
+    # a template without the line: refused, not offered unpatched
+    import torch._inductor.kernel.flex.common as flex_common
+    monkeypatch.setattr(template, "_nsa_flex_wide_dq", False)
+    monkeypatch.setattr(flex_common, "load_flex_template",
+                        lambda name: original.replace(tuning.DQ_STEP_ASSERT, "") if name == "flex_backwards" else "")
+    with pytest.raises(RuntimeError, match="SEL_DQ_WIDE_STEPS=1"):
+        tuning.allow_wide_dq_steps()
 
 
 
