@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent('''
+# The scripts' shared inputs: packed queries, compressed keys and the compressed branch's LSE.
+PRELUDE = textwrap.dedent('''
     import os
     import torch
     from masks import pack_gqa
@@ -23,21 +24,27 @@ SCRIPT = textwrap.dedent('''
 
     DEV = os.environ["SCORE_TEST_DEVICE"]
 
-    def case(T, Hq, Hkv, D, l, d, lp, seed, dtype=torch.float32):
-        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=4, window=8)
+    def inputs(T, Hq, Hkv, D, l, d, lp, n, seed, dtype=torch.float32):
+        """cfg, G, Tc, Ts, scale, q and k̃ in ``dtype``, their float32 values, and the LSE of the
+        float32 scores over the visible compressed blocks (computed on the CPU: IEEE matmuls,
+        where a GPU matmul may use TF32; products of 16-bit numbers are exact in float32, which
+        the kernel accumulates in)."""
+        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=n, window=8)
         g = torch.Generator().manual_seed(seed)
         G, Tc, Ts = Hq // Hkv, cfg.num_cmp_blocks(T), cfg.num_sel_blocks(T)
-        qp = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv)
-        kc = torch.randn(1, Hkv, Tc, D, generator=g)
-        scale = D ** -0.5
-        # The reference runs on the CPU in float32 (IEEE matmuls; a GPU matmul may use TF32).
-        # 16-bit inputs: it scores their float32 values (products of 16-bit numbers are exact in
-        # float32, which the kernel accumulates in).
-        q16, k16 = qp.to(dtype), kc.to(dtype)
+        q16 = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv).to(dtype)
+        k16 = torch.randn(1, Hkv, Tc, D, generator=g).to(dtype)
         qp, kc = q16.float(), k16.float()
+        scale = D ** -0.5
         s = torch.matmul(qp, kc.transpose(-1, -2)) * scale
         seen = (torch.arange(Tc) * d + l - 1)[None, :] <= (torch.arange(T * G) // G)[:, None]
         lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+        return cfg, G, Tc, Ts, scale, q16, k16, qp, kc, lse
+''')
+
+SCRIPT = PRELUDE + textwrap.dedent('''
+    def case(T, Hq, Hkv, D, l, d, lp, seed, dtype=torch.float32):
+        cfg, G, Tc, Ts, scale, q16, k16, qp, kc, lse = inputs(T, Hq, Hkv, D, l, d, lp, 4, seed, dtype)
         q16, k16, lse_d = q16.to(DEV), k16.to(DEV), lse.to(DEV)
         # whole sequence, then chunks of positions with only their visible selection blocks
         for t0, t1 in [(0, T), (T // 3, T), (T // 5, T // 2 + 1)]:
@@ -71,27 +78,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-TOP_N_SCRIPT = textwrap.dedent('''
-    import os
-    import torch
-    from masks import pack_gqa
-    from nsa_flex import NSAConfig
-    from nsa_flex.score_kernel import launch
-    from nsa_flex.selection import selection_scores, top_n
-
-    DEV = os.environ["SCORE_TEST_DEVICE"]
-
+TOP_N_SCRIPT = PRELUDE + textwrap.dedent('''
     def case(T, Hq, Hkv, D, l, d, lp, n, seed, t0=0, t1=None):
         t1 = t1 or T
-        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=n, window=8)
-        g = torch.Generator().manual_seed(seed)
-        G, Tc, Ts = Hq // Hkv, cfg.num_cmp_blocks(T), cfg.num_sel_blocks(T)
-        qp = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv)
-        kc = torch.randn(1, Hkv, Tc, D, generator=g)
-        scale = D ** -0.5
-        s = torch.matmul(qp, kc.transpose(-1, -2)) * scale
-        seen = (torch.arange(Tc) * d + l - 1)[None, :] <= (torch.arange(T * G) // G)[:, None]
-        lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
+        cfg, G, Tc, Ts, scale, _, _, qp, kc, lse = inputs(T, Hq, Hkv, D, l, d, lp, n, seed)
         ns = min(Ts, (t1 - 1) // lp + 2)
         p_slc = selection_scores(qp, kc, lse, cfg, scale, G, t0, t1, num_sel=ns)
         want = top_n(p_slc, torch.arange(t0, t1), cfg)
