@@ -223,8 +223,9 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
       3 stages) needs more shared memory than the card has at Dk=192, so use 32x32, 2 stages.
     - a KV tile below 128 (the selected branch with l' = 64): a forward tile of at most 64 keys;
       the backward tile comes from :func:`install_flex_backward_configs`.
-    - 16-bit inputs: TMA loads where tuning.TMA says so for the branch, and SMALL_Q_FWD_WARPS
-      forward warps for a query tile under 64 rows.
+    - 16-bit inputs: TMA loads where tuning.TMA says so for the branch, SMALL_Q_FWD_WARPS
+      forward warps for a query tile under 64 rows, and under SEL_DQ_WIDE_STEPS its dQ steps
+      of 64 keys.
     """
     opts: dict = {}
     rows = q_block or Q_BLOCK
@@ -237,6 +238,10 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
             opts["USE_TMA"] = True
         if rows < 64 and SMALL_Q_FWD_WARPS:
             opts["fwd_num_warps"] = SMALL_Q_FWD_WARPS
+        if rows < 64 and SEL_DQ_WIDE_STEPS and kv_block > rows:
+            # as a kernel option, not only as the offered candidate: compiled graphs are cached
+            # by what they trace, and the candidate list is not traced
+            opts["bwd_BLOCK_N2"] = min(64, kv_block)
     if rows < 128:  # a small query tile: the kernel's row block (128 by default
         # for bf16 at D <= 128 on sm90) must divide it
         opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), rows)

@@ -112,7 +112,12 @@ def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, mo
                       for c in heuristic.get_flex_attn_bwd_configs(128, torch.bfloat16)}
     assert (16, 64, 16, 16) in blocks() and template.template is before   # off: untouched
 
+    assert "bwd_BLOCK_N2" not in tuning.kernel_options("slc", torch.bfloat16, 128, 64, 16)
     tuning.apply(["SEL_DQ_WIDE_STEPS=1"])
+    # in the traced kernel options too (compiled graphs are cached by what they trace), 16-bit only
+    assert tuning.kernel_options("slc", torch.bfloat16, 128, 64, 16)["bwd_BLOCK_N2"] == 64
+    assert "bwd_BLOCK_N2" not in tuning.kernel_options("slc", torch.float32, 128, 64, 16)
+    assert "bwd_BLOCK_N2" not in (tuning.kernel_options("slc", torch.bfloat16, 128, 64, 64) or {})
     got = blocks()
     assert (16, 64, 16, 64) in got and (16, 64, 16, 16) not in got
     assert template.template is not before and template._hash != hash_before

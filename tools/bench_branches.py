@@ -107,6 +107,9 @@ def main():
             row = {"branch": name, "set": knobs}
             t0 = time.time()
             torch._dynamo.reset()   # each set traces afresh (knobs are read while tracing)
+            # and compiles afresh: a knob that changes only Inductor's choices, not the traced
+            # graph, would otherwise get the previous set's cached kernels (it once did)
+            torch._inductor.config.fx_graph_cache = False
             try:
                 row["tuning"] = {k: v for k, v in tuning.apply(knobs.split()).items()
                                  if v != defaults[k]}
