@@ -262,10 +262,20 @@ EXTRA_BWD_CONFIG = (64, 64, 64, 64)  # BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2
 # steps at 64k). Inductor's FlexAttention backward template asserts BLOCK_M2 % BLOCK_N2 == 0,
 # which its dQ loop over a tile's sparse KV blocks does not need (the loop steps BLOCK_N2 keys
 # at a time within each listed block; nothing else relates the two); this knob removes that one
-# line from the template (allow_wide_dq_steps) and offers (q, 64, q, 64) instead of (q, 64, q, q).
-# Not run on a GPU yet (CPU-tested: the template differs by that line only): 0 until measured and
-# gradient-checked there (tools/bench_branches.py --sets "" "SEL_DQ_WIDE_STEPS=1", check_gpu.py).
-SEL_DQ_WIDE_STEPS = 0
+# line from the template (allow_wide_dq_steps) and offers (q, 64, q, 64) instead of (q, 64, q, q)
+# — for 16-bit inputs also as the kernel option bwd_BLOCK_N2 (kernel_options), so that compiled
+# graphs cached without it are not reused. Measured on an H100 (paper config, D = 128, bf16):
+# - the selected branch alone (tools/bench_branches.py, each set compiled afresh; kernel ms): 64k
+#   backward 65.9 -> 42.0 (2 stages 51.3, 4 stages 42.4, 8 warps 99.9); 8k 7.95 -> 4.87. Same
+#   outputs and gradients (max relative difference 0: an MMA over 64 keys accumulates as four
+#   over 16 do).
+# - the operator (--variants, one GPU, cuDNN in each process; with 2 backward stages, the worse
+#   setting): 64k 161.47 ms fwd+bwd vs 175.84; 8k 12.46 vs 14.84; 16k 27.35 vs 31.96; 32k 63.74
+#   vs 71.86; the same peaks.
+# GPU gradient check with it passed (T = 4096, Dk = 192: fp32 1.9e-6, bf16 3.7e-3, 0 recompiles;
+# there fp32 autotuning kept 16-key steps for the selected branch, and ran the patched template
+# with 64-key steps on the 128-row tiles of the other two). 1.
+SEL_DQ_WIDE_STEPS = 1
 DQ_STEP_ASSERT = "tl.static_assert(BLOCK_M2 % BLOCK_N2 == 0)"
 
 
