@@ -59,6 +59,7 @@ def test_apply_sets_every_branch_of_a_per_branch_knob_without_a_key(restore):
 
 
 def test_small_query_tile_gets_forward_block_and_backward_candidate(restore, monkeypatch):
+    tuning.SEL_DQ_WIDE_STEPS = 0      # the template as torch ships it (the next test lifts its assert)
     assert tuning.kernel_options("slc", torch.bfloat16, 128, 64, 16)["fwd_BLOCK_M"] == 16
     assert tuning.kernel_options("slc", torch.float32, 192, 64, 16)["fwd_BLOCK_M"] == 16
     assert "fwd_BLOCK_M" not in (tuning.kernel_options("slc", torch.bfloat16, 128, 64) or {})
@@ -106,6 +107,7 @@ def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, mo
     original = load_flex_template("flex_backwards") + load_flex_template("utilities")
     before, hash_before = template.template, template._hash
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    tuning.SEL_DQ_WIDE_STEPS = 0
     assert tuning.install_flex_backward_configs()
     heuristic = heuristics.CUDAConfigHeuristic()
     blocks = lambda: {(c.block_m1, c.block_n1, c.block_m2, c.block_n2)
