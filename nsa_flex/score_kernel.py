@@ -41,36 +41,12 @@ def _overlap_weight(m, A: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _merge_top(best, pooled, jj, tt, Ts, LP: tl.constexpr, N_INIT: tl.constexpr,
-               N_LOCAL: tl.constexpr, BT: tl.constexpr, BJ: tl.constexpr, NP: tl.constexpr):
-    """Eqs. 11–12 over a step's columns, keyed exactly as selection.top_n keys them (forced
-    blocks first, then the score's bits, ties to the lower block; non-candidates negative), merged
-    into the running top NP keys ``best`` [BT, NP] (descending): the NP largest new keys in
-    ascending order against ``best`` by an elementwise max hold the NP largest of both (one
-    bitonic half-cleaner), sorted again."""
-    cur = (tt // LP)[:, None]
-    j = jj[None, :]
-    cand = (j <= cur) & (j < Ts)
-    forced = cand & ((j < N_INIT) | (j > cur - N_LOCAL))   # masks.is_forced's rule, restated
-    # for Triton (a jit function calls only jit functions); top_n's _FORCED_KEY is int32's max
-    bits = pooled.to(tl.int32, bitcast=True).to(tl.int64)          # scores are >= 0
-    key = tl.where(forced, 2147483647, tl.where(cand, bits, -1)).to(tl.int64)
-    key = (key << 32) | (Ts - 1 - j).to(tl.int64)
-    top = tl.reshape(tl.sort(key, dim=1), (BT, BJ // NP, NP))      # ascending: the last NP largest
-    last = (tl.arange(0, BJ // NP) == BJ // NP - 1)[None, :, None]
-    new = tl.sum(tl.where(last, top, 0), axis=1)                    # [BT, NP] ascending
-    return tl.sort(tl.maximum(best, new), dim=1, descending=True)
-
-
-@triton.jit
 def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
                    sq_b, sq_h, sq_r, sk_b, sk_h, sk_i, sl_b, sl_h, so_b, so_h, so_t,
                    H, t0, P, Tc, Ts,
                    SCALE_LOG2: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, G: tl.constexpr,
                    BT: tl.constexpr, BJ: tl.constexpr, R: tl.constexpr, A: tl.constexpr,
-                   L: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr,
-                   TOPN: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, LP: tl.constexpr,
-                   N_INIT: tl.constexpr, N_LOCAL: tl.constexpr):
+                   L: tl.constexpr, S: tl.constexpr, IEEE: tl.constexpr):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     BM: tl.constexpr = BT * G
@@ -102,7 +78,6 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
     j_end = tl.where(seen_end >= 0, (seen_end // S + A - 1) // R + 1, 0)
     j_end = tl.minimum(j_end, Ts)
     carry = tl.zeros([BT], dtype=tl.float32)
-    best = tl.full([BT, NP], -(1 << 62), tl.int64)      # TOPN: running top-n keys (none yet)
     for j0 in range(0, j_end, BJ):
         i = j0 * R + x
         k = tl.load(k_base + i[:, None] * sk_i + rd[None, :],
@@ -122,24 +97,13 @@ def _scores_kernel(q_ptr, k_ptr, lse_ptr, out_ptr,
             pooled += tl.where(y[None, :] == 0, carry[:, None], 0.0)
             carry = tl.sum(tl.where(y[None, :] == BJ - 1, nxt, 0.0), axis=1)
         jj = j0 + y
-        if TOPN:
-            best = _merge_top(best, pooled, jj, tt, Ts, LP, N_INIT, N_LOCAL, BT, BJ, NP)
-        else:
-            tl.store(out_rows + jj[None, :], pooled, mask=(tt < t0 + P)[:, None] & (jj < Ts)[None, :])
+        tl.store(out_rows + jj[None, :], pooled, mask=(tt < t0 + P)[:, None] & (jj < Ts)[None, :])
     # selection blocks that no visible compressed block reaches score 0 (still candidates)
     j_zero = tl.cdiv(j_end, BJ) * BJ
     for j0 in range(j_zero, Ts, BJ):
         jj = j0 + y
-        if TOPN:
-            best = _merge_top(best, tl.zeros([BT, BJ], dtype=tl.float32), jj, tt, Ts, LP, N_INIT,
-                              N_LOCAL, BT, BJ, NP)
-        else:
-            tl.store(out_rows + jj[None, :], tl.zeros([BT, BJ], dtype=tl.float32),
-                     mask=(tt < t0 + P)[:, None] & (jj < Ts)[None, :])
-    if TOPN:   # block numbers from the keys; -1 where no candidate was left
-        n = tl.arange(0, NP)
-        idx = tl.where(best >= 0, Ts - 1 - (best & 0xFFFFFFFF), -1).to(tl.int32)
-        tl.store(out_rows + n[None, :], idx, mask=(tt < t0 + P)[:, None] & (n < N)[None, :])
+        tl.store(out_rows + jj[None, :], tl.zeros([BT, BJ], dtype=tl.float32),
+                 mask=(tt < t0 + P)[:, None] & (jj < Ts)[None, :])
 
 
 def unfit(cfg: NSAConfig, group: int) -> str | None:
@@ -167,29 +131,17 @@ def tiles(dtype: torch.dtype, head_dim: int, group: int, r: int) -> dict:
 
 def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, cmp_block: int,
            cmp_stride: int, sel_block: int, scale: float, group: int, t0: int, t1: int,
-           out: torch.Tensor, launcher=None, num_sel: int | None = None,
-           top_n: tuple[int, int, int] | None = None) -> torch.Tensor:
+           out: torch.Tensor, launcher=None) -> torch.Tensor:
     """Fill ``out`` [B, Hkv, t1 − t0, Ts'] float32 with p_slc of positions t0 … t1 − 1 and the
     first Ts' selection blocks. q_packed [B, Hkv, T·G, Dk], k_cmp [B, Hkv, Tc, Dk] (its first
     Tc blocks are scored: pass fewer when later ones are invisible to these positions), lse_cmp
     [B, Hkv, T·G] (natural log). ``launcher`` wraps the kernel (e.g. torch.library.wrap_triton
-    under torch.compile).
-
-    With ``top_n`` = (n, n_init, n_local), rank instead (eqs. 11–12, as selection.top_n over the
-    first ``num_sel`` blocks): ``out`` [B, Hkv, t1 − t0, n] int32 gets the selected block
-    numbers (highest key first, −1 where unused) and no scores are written."""
+    under torch.compile)."""
     B, H, _, D = q_packed.shape
     Tc = k_cmp.shape[2]
-    Ts = out.shape[-1] if top_n is None else num_sel
+    Ts = out.shape[-1]
     a, r = cmp_block // cmp_stride, sel_block // cmp_stride
     opts = tiles(q_packed.dtype, D, group, r)
-    # every constant passed explicitly (the scores-only launch ranks nothing)
-    rank = dict(TOPN=False, N=1, NP=1, LP=sel_block, N_INIT=0, N_LOCAL=0)
-    if top_n is not None:
-        n, n_init, n_local = top_n
-        NP = triton.next_power_of_2(n)
-        opts["BJ"] = max(opts["BJ"], NP)     # a step ranks at least NP blocks (the merge's width)
-        rank = dict(TOPN=True, N=n, NP=NP, LP=sel_block, N_INIT=n_init, N_LOCAL=n_local)
     # rows and blocks are addressed by strides; only the head dimension must be dense
     q_packed, k_cmp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_packed, k_cmp))
     lse_cmp = lse_cmp if lse_cmp.stride(-1) == 1 else lse_cmp.contiguous()
@@ -204,7 +156,7 @@ def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, c
                  # kernel as fp64 when Inductor launches it)
                  SCALE_LOG2=scale * LOG2E, D=D, DP=max(16, triton.next_power_of_2(D)), G=group,
                  BT=opts["BT"], BJ=opts["BJ"], R=r, A=a, L=cmp_block, S=cmp_stride,
-                 IEEE=q_packed.dtype == torch.float32, **rank,
+                 IEEE=q_packed.dtype == torch.float32,
                  num_warps=opts["num_warps"], num_stages=opts["num_stages"])
     return out
 
@@ -220,15 +172,3 @@ def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch
     return launch(q_packed, k_cmp, lse_cmp, cmp_block, cmp_stride, sel_block, scale, group,
                   t0, t1, out, launcher=torch.library.wrap_triton)
 
-
-@torch.library.triton_op("nsa_flex::selected_blocks", mutates_args=())
-def selected_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
-                    cmp_block: int, cmp_stride: int, sel_block: int, scale: float, group: int,
-                    t0: int, t1: int, num_sel: int, n: int, n_init: int, n_local: int) -> torch.Tensor:
-    """Scores and top-n in the kernel (tuning.SCORE_TOPN_FUSED): idx [B, Hkv, t1 − t0, n] int32,
-    the same blocks as selection.top_n over selection_scores' output (in another order)."""
-    out = torch.empty(q_packed.shape[0], q_packed.shape[1], t1 - t0, n, device=q_packed.device,
-                      dtype=torch.int32)
-    return launch(q_packed, k_cmp, lse_cmp, cmp_block, cmp_stride, sel_block, scale, group,
-                  t0, t1, out, launcher=torch.library.wrap_triton, num_sel=num_sel,
-                  top_n=(n, n_init, n_local))

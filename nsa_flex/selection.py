@@ -144,10 +144,6 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         t1 = min(seq_len, t0 + chunk)
         num_sel = _visible_sel_blocks(cfg, t1, Ts)
         args = (cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, scale, group, t0, t1, num_sel)
-        if fused and tuning.SCORE_TOPN_FUSED:   # scores and top-n in the kernel
-            out.append(torch.ops.nsa_flex.selected_blocks(q_packed, k_cmp, lse_cmp, *args,
-                                                          cfg.sel_topn, cfg.n_init, cfg.n_local))
-            continue
         if fused:   # the kernel stops at each tile's last visible block by itself
             p_slc = torch.ops.nsa_flex.selection_scores(q_packed, k_cmp, lse_cmp, *args)
         else:

@@ -134,13 +134,6 @@ SCORE_KERNEL = 1
 #   64:128:4:3 9.58 / 17.99     128:64:8:3 7.97 / 12.96                   64:64:4:3 8.79 / 17.71
 SCORE_TILES: dict[str, int] = {"rows": 128, "blocks": 64, "warps": 8, "stages": 3}
 SCORE_TILES_WIDE: dict[str, int] = {"rows": 64, "blocks": 64, "warps": 4, "stages": 2}
-# 1 (with SCORE_KERNEL): the scoring kernel also ranks (eqs. 11-12): each program keeps its
-# positions' top n keys (the same keys as selection.top_n) in registers, merged step by step, and
-# writes the block numbers, so neither the [positions, Ts] scores nor torch.topk's radix select
-# (13.0 ms at 64k) remain. Same blocks (on the GPU too: all equal to the kernel + torch.topk's at
-# 64k). Measured on an H100 (scoring + top-n alone, one process, 128 x 128 tiles): 64k 25.00 ms vs
-# 24.48 with 0 (Dk = 192: 30.31 vs 27.24): the in-register merge costs what the radix select did. 0.
-SCORE_TOPN_FUSED = 0
 # > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
 # equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
 # KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured

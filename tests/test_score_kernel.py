@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-# The scripts' shared inputs: packed queries, compressed keys and the compressed branch's LSE.
+# The script's inputs: packed queries, compressed keys and the compressed branch's LSE.
 PRELUDE = textwrap.dedent('''
     import os
     import torch
@@ -78,25 +78,6 @@ SCRIPT = PRELUDE + textwrap.dedent('''
 ''')
 
 
-TOP_N_SCRIPT = PRELUDE + textwrap.dedent('''
-    def case(T, Hq, Hkv, D, l, d, lp, n, seed, t0=0, t1=None):
-        t1 = t1 or T
-        cfg, G, Tc, Ts, scale, _, _, qp, kc, lse = inputs(T, Hq, Hkv, D, l, d, lp, n, seed)
-        ns = min(Ts, (t1 - 1) // lp + 2)
-        p_slc = selection_scores(qp, kc, lse, cfg, scale, G, t0, t1, num_sel=ns)
-        want = top_n(p_slc, torch.arange(t0, t1), cfg)
-        idx = torch.full((1, Hkv, t1 - t0, n), -7, dtype=torch.int32, device=DEV)
-        launch(qp.to(DEV), kc.to(DEV), lse.to(DEV), l, d, lp, scale, G, t0, t1, idx, num_sel=ns,
-               top_n=(n, cfg.n_init, cfg.n_local))
-        assert torch.equal(idx.cpu().sort(-1).values, want.sort(-1).values), (T, l, d, lp, n, t0, t1)
-
-    case(200, 8, 2, 24, 32, 16, 64, 4, 0)           # paper's l, d, l'; a carried block
-    case(300, 4, 1, 16, 16, 16, 16, 5, 1, 40, 260)  # l = d = l', n not a power of two, a chunk
-    case(100, 4, 2, 16, 16, 8, 32, 8, 2)            # fewer blocks (4) than n: -1 pads
-    print("ok")
-''')
-
-
 def _run(script):
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
@@ -112,12 +93,6 @@ def _run(script):
 
 def test_fused_scores_match_the_torch_route():
     _run(SCRIPT)
-
-
-def test_fused_top_n_matches_top_n():
-    """Scores and top-n in the kernel (tuning.SCORE_TOPN_FUSED): the blocks selection.top_n
-    picks from the torch route's scores (float32 inputs, so the same keys)."""
-    _run(TOP_N_SCRIPT)
 
 
 def test_tiles_come_from_the_tuning_knobs(monkeypatch):
@@ -147,8 +122,7 @@ def test_kernel_names_what_its_tiles_cannot_take():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the kernel's own route)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("topn_fused", [0, 1])
-def test_fused_selection_on_cuda(monkeypatch, dtype, topn_fused):
+def test_fused_selection_on_cuda(monkeypatch, dtype):
     """select_blocks through the kernel (compiled, as the operator runs it) against the torch
     route on float32 scores: the same blocks in float32; in bfloat16 (where the torch route rounds
     q·k̃ᵀ to bf16 first and the kernel does not) at least as close to float32 as the torch route."""
@@ -171,7 +145,6 @@ def test_fused_selection_on_cuda(monkeypatch, dtype, topn_fused):
     q_in, k_in = qp.to(dtype), kc.to(dtype)
     route = select_blocks(q_in, k_in, lse, cfg, scale, G, T)
     monkeypatch.setattr(tuning, "SCORE_KERNEL", 1)
-    monkeypatch.setattr(tuning, "SCORE_TOPN_FUSED", topn_fused)
     fused = torch.compile(lambda q, k, l: select_blocks(q, k, l, cfg, scale, G, T), fullgraph=True)
     got = fused(q_in, k_in, lse)
 
@@ -183,16 +156,14 @@ def test_fused_selection_on_cuda(monkeypatch, dtype, topn_fused):
         assert same(got, want) >= same(route, want) - 0.01, (same(got, want), same(route, want))
 
 
-@pytest.mark.parametrize("dtype,head_dim,tiles,rank,G", [
-    (torch.bfloat16, 128, None, False, 16), (torch.bfloat16, 192, None, False, 16),
-    (torch.float32, 192, None, False, 16),
-    (torch.bfloat16, 128, dict(rows=64, blocks=64, warps=4, stages=3), False, 16),
-    (torch.bfloat16, 128, None, True, 16),
-    (torch.float32, 24, None, False, 4), (torch.bfloat16, 128, None, False, 4)])
-def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles, rank, G):
+@pytest.mark.parametrize("dtype,head_dim,tiles,G", [
+    (torch.bfloat16, 128, None, 16), (torch.bfloat16, 192, None, 16), (torch.float32, 192, None, 16),
+    (torch.bfloat16, 128, dict(rows=64, blocks=64, warps=4, stages=3), 16),
+    (torch.float32, 24, None, 4), (torch.bfloat16, 128, None, 4)])
+def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles, G):
     """Ahead-of-time compile for sm90 (no GPU needed) with the tiles the launcher picks (the
-    defaults, one other choice for --sweep, the fused top-n, and G = 4, where a program holds 16
-    or more positions): fits the card's shared memory, uses tensor-core instructions for 16-bit
+    defaults, one other choice for --sweep, and G = 4, where a program holds 16 or more
+    positions): fits the card's shared memory, uses tensor-core instructions for 16-bit
     inputs, has no float64 arithmetic (a float launch argument once made the scores fp64 under
     Inductor), and has one dot, q·k̃ᵀ (Triton once turned the pooling's shift, a sum of broadcast
     products, into a second, TF32 dot at G = 4: carried scores off by 1e-3 on the GPU)."""
@@ -209,13 +180,11 @@ def test_kernel_compiles_for_hopper(monkeypatch, dtype, head_dim, tiles, rank, G
     r = 4
     opts = score_kernel.tiles(dtype, head_dim, G, r)
     ty = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32",
-           "out_ptr": "*i32" if rank else "*fp32"}
+    sig = {"q_ptr": f"*{ty}", "k_ptr": f"*{ty}", "lse_ptr": "*fp32", "out_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("sq_b", "sq_h", "sq_r", "sk_b", "sk_h", "sk_i", "sl_b", "sl_h",
                                    "so_b", "so_h", "so_t", "H", "t0", "P", "Tc", "Ts")})
     const = dict(SCALE_LOG2=head_dim ** -0.5 * LOG2E, D=head_dim, DP=triton.next_power_of_2(head_dim),
-                 G=G, BT=opts["BT"], BJ=opts["BJ"], R=r, A=2, L=32, S=16, IEEE=dtype == torch.float32,
-                 TOPN=rank, N=16 if rank else 1, NP=16 if rank else 1, LP=64, N_INIT=1, N_LOCAL=2)
+                 G=G, BT=opts["BT"], BJ=opts["BJ"], R=r, A=2, L=32, S=16, IEEE=dtype == torch.float32)
     sig.update(dict.fromkeys(const, "constexpr"))
     try:
         k = triton.compile(ASTSource(_scores_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
