@@ -66,6 +66,33 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
     return idx.to(torch.int32)
 
 
+def top_n_by_value(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
+    """The blocks of :func:`top_n` (tuning.TOPN_BY_VALUE), found by a float32 top-k (a radix
+    select over 32-bit values: half the passes of top_n's 64-bit keys) for the n-th largest
+    value v, then taken as every block above v and, of those equal to v, the lowest j until n
+    (the ties rule of eqs. 11–12). Forced blocks rank as +inf, non-candidates as −1 (scores are
+    ≥ 0). Returned in ascending j (the order inside a row is free); unused slots hold −1.
+    """
+    Ts = p_slc.shape[-1]
+    j = torch.arange(Ts, device=p_slc.device)
+    cur = (pos // cfg.sel_block)[:, None]
+    cand = j <= cur
+    forced = cand & is_forced(j, cur, cfg.n_init, cfg.n_local)
+    val = torch.where(forced, float("inf"), torch.where(cand, p_slc.float().clamp_min(0), -1.0))
+    k = min(cfg.sel_topn, Ts)
+    kth = torch.topk(val, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above, tie = val > kth, val == kth
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    take = above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= room))   # exactly k per row
+    slot = torch.where(take, take.cumsum(-1, dtype=torch.int32) - 1, k)  # the rest: a spare slot
+    block = torch.where(val >= 0, j, -1).expand_as(val)
+    idx = torch.full((*val.shape[:-1], k + 1), -1, dtype=torch.int64, device=val.device)
+    idx = idx.scatter(-1, slot.long(), block)[..., :k]
+    if k < cfg.sel_topn:
+        idx = F.pad(idx, (0, cfg.sel_topn - k), value=-1)
+    return idx.to(torch.int32)
+
+
 @torch.no_grad()
 def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor,
                      cfg: NSAConfig, scale: float, group: int, t0: int, t1: int,
@@ -149,5 +176,6 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         else:
             p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
                                      group, t0, t1, num_sel=num_sel)
-        out.append(top_n(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
+        rank = top_n_by_value if tuning.TOPN_BY_VALUE else top_n
+        out.append(rank(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

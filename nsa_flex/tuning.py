@@ -108,6 +108,13 @@ SCORE_CAUSAL_SLICES = 4
 # it passed (T=4096, Dk=192: fp32 1.5e-6, no recompiles); that check takes the operator's own
 # selection, so the selection itself is tested on CPU only (the same blocks as with 0). 1.
 TOPN_CAUSAL = 1
+# 1: the top-n (eqs. 11-12) by a float32 torch.topk for each row's n-th largest score, then every
+# block above it and the lowest-numbered of those equal to it (selection.top_n_by_value), instead
+# of one torch.topk over int64 keys (score bits above the reversed block number). Same blocks
+# (tested on CPU against top_n, ties included). CUDA's radix select takes one pass per byte, 8
+# for int64 and 4 for float32; at 64k the int64 top-k took 13.0 ms of device time (H100). Not
+# run on a GPU yet: 0 until measured (tools/bench_scoring.py times both top-n forms).
+TOPN_BY_VALUE = 0
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) per chunk
 # of positions: q·k̃ᵀ on tensor cores, exp, the sum over the group's heads and the pooling into
 # selection blocks in registers, only [positions, Ts] written — no [positions·Hq, Tc] scores

@@ -99,9 +99,10 @@ def test_bfloat16_close_to_float32():
     assert rel(o16, o32) < 2e-2
 
 
-@pytest.mark.parametrize("causal_slices,topn_causal", [(0, 0), (3, 0), (3, 1)])
-def test_compiled_matches_eager_on_cpu(causal_slices, topn_causal, monkeypatch):
+@pytest.mark.parametrize("causal_slices,topn_causal,by_value", [(0, 0, 0), (3, 0, 0), (3, 1, 0), (3, 1, 1)])
+def test_compiled_matches_eager_on_cpu(causal_slices, topn_causal, by_value, monkeypatch):
     from nsa_flex import tuning
+    monkeypatch.setattr(tuning, "TOPN_BY_VALUE", by_value)
     monkeypatch.setattr(tuning, "SCORE_CAUSAL_SLICES", causal_slices)
     monkeypatch.setattr(tuning, "TOPN_CAUSAL", topn_causal)
     monkeypatch.setattr(tuning, "SCORE_CHUNK_ELEMS", 440)    # 5 chunks of 10 positions here
@@ -260,3 +261,42 @@ def test_causal_score_slices_change_nothing(cfg, monkeypatch):
             a = selection_scores(qp, kv, lse, cfg, D ** -0.5, G, t0, t1)
             b = selection_scores(qp, kc, lse, cfg, D ** -0.5, G, t0, t1)
             assert torch.allclose(a, b, rtol=1e-6, atol=0), (slices, t0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}" for c in CASES])
+def test_top_n_by_value_selects_the_reference_blocks(case, monkeypatch):
+    """tuning.TOPN_BY_VALUE: the same blocks as the float64 reference, and the same output."""
+    from nsa_flex import tuning
+    B, T, Hq, Hkv, Dk, Dv, kw, separate = case
+    cfg = NSAConfig(**kw)
+    xs, swa = make_inputs(B, T, Hq, Hkv, Dk, Dv, cfg, separate)
+    o_ref, sel_ref = reference_nsa(*[x.double() for x in xs], cfg,
+                                   *[s.double() if s is not None else None for s in swa])
+    monkeypatch.setattr(tuning, "TOPN_BY_VALUE", 1)
+    o, idx = nsa_attention(*xs, cfg, k_swa=swa[0], v_swa=swa[1], return_indices=True)
+    assert rel(o, o_ref) < 1e-4
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(T):
+                got = [j for j in idx[b, t, h].tolist() if j >= 0]
+                assert len(set(got)) == len(got) and set(got) == sel_ref[b][h][t], (b, h, t)
+
+
+@pytest.mark.parametrize("n,n_init,n_local,levels", [(4, 1, 2, 3), (5, 0, 0, 2), (8, 2, 1, 1), (3, 1, 1, 1000)])
+def test_top_n_by_value_equals_top_n_with_ties(n, n_init, n_local, levels):
+    """Scores drawn from a few values (exact ties at the n-th place, zeros, and rows with fewer
+    candidates than n): top_n_by_value picks top_n's blocks, in eager and compiled (Inductor)."""
+    from nsa_flex.selection import top_n, top_n_by_value
+    cfg = NSAConfig(cmp_block=8, cmp_stride=8, sel_block=8, sel_topn=n, n_init=n_init,
+                    n_local=n_local, window=8)
+    g = torch.Generator().manual_seed(n + levels)
+    for P, Ts, t0 in [(200, 40, 0), (64, 3, 0), (100, 25, 150)]:
+        p = torch.randint(0, levels, (2, 3, P, Ts), generator=g).float() / levels
+        pos = torch.arange(t0, t0 + P)
+        want = top_n(p, pos, cfg).sort(-1).values
+        got = top_n_by_value(p, pos, cfg)
+        assert got.shape == want.shape and got.dtype == torch.int32
+        assert torch.equal(got.sort(-1).values, want), (P, Ts, t0)
+        torch._dynamo.reset()   # one compile per shape, not one cache across cases
+        compiled = torch.compile(top_n_by_value, fullgraph=True, dynamic=False)(p, pos, cfg)
+        assert torch.equal(compiled.sort(-1).values, want), (P, Ts, t0)
