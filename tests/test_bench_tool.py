@@ -162,3 +162,37 @@ def test_selected_blockmask_mib_is_what_the_operator_builds(bench, monkeypatch, 
     built = sum(t.numel() * t.element_size() for t in lists if t is not None) / 2**20
     assert (lists[2] is None) == (not full_tiles)
     assert abs(bench.selected_blockmask_mib(T, Hq, Hkv, cfg) - built) < 0.06, built
+
+
+def test_each_variant_compiles_in_its_own_inductor_cache(bench, tmp_path, monkeypatch):
+    """--variants: one child per variant, each with its own TORCHINDUCTOR_CACHE_DIR (a knob that
+    changes only Inductor's choices once got the other variant's cached kernels), rows merged."""
+    import json
+    import subprocess
+    import types
+
+    started = []
+
+    class Child:                        # a child that wrote its rows and exited
+        def __init__(self, cmd, stdout=None, stderr=None, env=None):
+            out = cmd[cmd.index("--out") + 1]
+            row = {"impl": "nsa_flex", "T": 8, "fwd_ms": 1.0, "fwdbwd_ms": 2.0, "peak_mem_mib": 3.0}
+            json.dump({"meta": {"tuning": {}}, "rows": [row]}, open(out, "w"))
+            started.append((cmd, env))
+            self.pid = 10_000 + len(started)
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    variants = ["", "SEL_DQ_WIDE_STEPS=0"]
+    out = str(tmp_path / "v.json")
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--seq", "8", "--variants", *variants, "--out", out])
+    bench.run_variants(types.SimpleNamespace(variants=variants, gpu_lock=None, out=out))
+    caches = [env["TORCHINDUCTOR_CACHE_DIR"] for _, env in started]
+    assert len(caches) == 2 and caches[0] != caches[1]
+    assert "--tune" not in started[0][0] and started[1][0][-2:] == ["--tune", "SEL_DQ_WIDE_STEPS=0"]
+    assert [r["variant"] for r in json.load(open(out))["rows"]] == variants

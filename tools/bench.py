@@ -358,7 +358,11 @@ def run_variants(a) -> None:
         if variant.split():
             cmd += ["--tune", *variant.split()]
         print(f"[bench] variant {i} ({variant or 'defaults'}): log {log}", flush=True)
-        children.append((variant, out, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)))
+        # each variant its own Inductor cache: a knob that changes only Inductor's choices (not
+        # the traced graph) would otherwise get another variant's cached kernels
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(work, f"inductor-v{i}"))
+        children.append((variant, out, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                                        env=env)))
     running = {proc.pid for _, _, proc in children}
     while running:                      # a run that exits counts as ready at the barrier
         for _, _, proc in children:
