@@ -271,7 +271,8 @@ EXTRA_BWD_CONFIG = (64, 64, 64, 64)  # BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2
 #   over 16 do).
 # - the operator (--variants, one GPU, cuDNN in each process; with 2 backward stages, the worse
 #   setting): 64k 161.47 ms fwd+bwd vs 175.84; 8k 12.46 vs 14.84; 16k 27.35 vs 31.96; 32k 63.74
-#   vs 71.86; the same peaks.
+#   vs 71.86; the same peaks. With the default stages (--profile, its own GPU): 64k 152.16 ms
+#   (cuDNN 453.16 in that process), the selected backward kernel 40.4.
 # GPU gradient check with it passed (T = 4096, Dk = 192: fp32 1.9e-6, bf16 3.7e-3, 0 recompiles;
 # there fp32 autotuning kept 16-key steps for the selected branch, and ran the patched template
 # with 64-key steps on the 128-row tiles of the other two). 1.
