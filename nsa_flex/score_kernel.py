@@ -138,8 +138,7 @@ def launch(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Tensor, c
     [B, Hkv, T·G] (natural log). ``launcher`` wraps the kernel (e.g. torch.library.wrap_triton
     under torch.compile)."""
     B, H, _, D = q_packed.shape
-    Tc = k_cmp.shape[2]
-    Ts = out.shape[-1]
+    Tc, Ts = k_cmp.shape[2], out.shape[-1]
     a, r = cmp_block // cmp_stride, sel_block // cmp_stride
     opts = tiles(q_packed.dtype, D, group, r)
     # rows and blocks are addressed by strides; only the head dimension must be dense
@@ -171,4 +170,3 @@ def selection_scores(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch
                       device=q_packed.device, dtype=torch.float32)
     return launch(q_packed, k_cmp, lse_cmp, cmp_block, cmp_stride, sel_block, scale, group,
                   t0, t1, out, launcher=torch.library.wrap_triton)
-

@@ -43,6 +43,14 @@ def pool_to_selection_blocks(p_cmp: torch.Tensor, cfg: NSAConfig, num_sel: int) 
     return out
 
 
+def _candidates(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig):
+    """Block numbers j [Ts], and which are candidates (j·l' ≤ t) and forced, [P, Ts] each."""
+    j = torch.arange(p_slc.shape[-1], device=p_slc.device)
+    cur = (pos // cfg.sel_block)[:, None]
+    cand = j <= cur
+    return j, cand, cand & is_forced(j, cur, cfg.n_init, cfg.n_local)
+
+
 def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tensor:
     """Eqs. 11–12: [..., P, Ts] scores at positions ``pos`` [P] -> [..., P, n] block numbers.
 
@@ -51,10 +59,7 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
     the reversed block number, so one integer top-k is exact). Unused slots hold −1.
     """
     Ts = p_slc.shape[-1]
-    j = torch.arange(Ts, device=p_slc.device)
-    cur = (pos // cfg.sel_block)[:, None]
-    cand = j <= cur
-    forced = cand & is_forced(j, cur, cfg.n_init, cfg.n_local)
+    j, cand, forced = _candidates(p_slc, pos, cfg)
     bits = p_slc.float().clamp_min(0).view(torch.int32)
     key = torch.where(forced, _FORCED_KEY, torch.where(cand, bits, -1)).to(torch.int64)
     key = (key << 32) | (Ts - 1 - j)
@@ -74,10 +79,7 @@ def top_n_by_value(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> to
     ≥ 0). Returned in ascending j (the order inside a row is free); unused slots hold −1.
     """
     Ts = p_slc.shape[-1]
-    j = torch.arange(Ts, device=p_slc.device)
-    cur = (pos // cfg.sel_block)[:, None]
-    cand = j <= cur
-    forced = cand & is_forced(j, cur, cfg.n_init, cfg.n_local)
+    j, cand, forced = _candidates(p_slc, pos, cfg)
     val = torch.where(forced, float("inf"), torch.where(cand, p_slc.float().clamp_min(0), -1.0))
     k = min(cfg.sel_topn, Ts)
     kth = torch.topk(val, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
@@ -166,6 +168,7 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     else:
         chunk = tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)
     chunk = max(1, min(seq_len, chunk))
+    rank = top_n_by_value if tuning.TOPN_BY_VALUE else top_n
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
@@ -176,6 +179,5 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         else:
             p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
                                      group, t0, t1, num_sel=num_sel)
-        rank = top_n_by_value if tuning.TOPN_BY_VALUE else top_n
         out.append(rank(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-# The script's inputs: packed queries, compressed keys and the compressed branch's LSE.
-PRELUDE = textwrap.dedent('''
+SCRIPT = textwrap.dedent('''
     import os
     import torch
     from masks import pack_gqa
@@ -24,12 +23,12 @@ PRELUDE = textwrap.dedent('''
 
     DEV = os.environ["SCORE_TEST_DEVICE"]
 
-    def inputs(T, Hq, Hkv, D, l, d, lp, n, seed, dtype=torch.float32):
+    def inputs(T, Hq, Hkv, D, l, d, lp, seed, dtype=torch.float32):
         """cfg, G, Tc, Ts, scale, q and k̃ in ``dtype``, their float32 values, and the LSE of the
         float32 scores over the visible compressed blocks (computed on the CPU: IEEE matmuls,
         where a GPU matmul may use TF32; products of 16-bit numbers are exact in float32, which
         the kernel accumulates in)."""
-        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=n, window=8)
+        cfg = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=lp, sel_topn=4, window=8)
         g = torch.Generator().manual_seed(seed)
         G, Tc, Ts = Hq // Hkv, cfg.num_cmp_blocks(T), cfg.num_sel_blocks(T)
         q16 = pack_gqa(torch.randn(1, T, Hq, D, generator=g), Hkv).to(dtype)
@@ -40,11 +39,9 @@ PRELUDE = textwrap.dedent('''
         seen = (torch.arange(Tc) * d + l - 1)[None, :] <= (torch.arange(T * G) // G)[:, None]
         lse = torch.logsumexp(s.masked_fill(~seen, float("-inf")), -1)
         return cfg, G, Tc, Ts, scale, q16, k16, qp, kc, lse
-''')
 
-SCRIPT = PRELUDE + textwrap.dedent('''
     def case(T, Hq, Hkv, D, l, d, lp, seed, dtype=torch.float32):
-        cfg, G, Tc, Ts, scale, q16, k16, qp, kc, lse = inputs(T, Hq, Hkv, D, l, d, lp, 4, seed, dtype)
+        cfg, G, Tc, Ts, scale, q16, k16, qp, kc, lse = inputs(T, Hq, Hkv, D, l, d, lp, seed, dtype)
         q16, k16, lse_d = q16.to(DEV), k16.to(DEV), lse.to(DEV)
         # whole sequence, then chunks of positions with only their visible selection blocks
         for t0, t1 in [(0, T), (T // 3, T), (T // 5, T // 2 + 1)]:
@@ -78,7 +75,7 @@ SCRIPT = PRELUDE + textwrap.dedent('''
 ''')
 
 
-def _run(script):
+def test_fused_scores_match_the_torch_route():
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     if torch.cuda.is_available():
@@ -86,13 +83,9 @@ def _run(script):
         env.pop("TRITON_INTERPRET", None)
     else:
         env.update(SCORE_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
-
-
-def test_fused_scores_match_the_torch_route():
-    _run(SCRIPT)
 
 
 def test_tiles_come_from_the_tuning_knobs(monkeypatch):

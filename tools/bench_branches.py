@@ -91,6 +91,9 @@ def main():
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
     defaults = {n: copy.deepcopy(v) for n, v in vars(tuning).items() if n.isupper()}
+    # every set compiles afresh: a knob that changes only Inductor's choices, not the traced
+    # graph, would otherwise get an earlier set's cached kernels (it once did)
+    torch._inductor.config.fx_graph_cache = False
     x = make(T, a.hq, a.hkv, Dk, Dv, cfg)
     with torch.no_grad():   # the blocks the operator would select for these inputs
         qp = pack_gqa(x["q"], a.hkv)
@@ -107,9 +110,6 @@ def main():
             row = {"branch": name, "set": knobs}
             t0 = time.time()
             torch._dynamo.reset()   # each set traces afresh (knobs are read while tracing)
-            # and compiles afresh: a knob that changes only Inductor's choices, not the traced
-            # graph, would otherwise get the previous set's cached kernels (it once did)
-            torch._inductor.config.fx_graph_cache = False
             try:
                 row["tuning"] = {k: v for k, v in tuning.apply(knobs.split()).items()
                                  if v != defaults[k]}
