@@ -110,11 +110,14 @@ SCORE_CAUSAL_SLICES = 4
 TOPN_CAUSAL = 1
 # 1: the top-n (eqs. 11-12) by a float32 torch.topk for each row's n-th largest score, then every
 # block above it and the lowest-numbered of those equal to it (selection.top_n_by_value), instead
-# of one torch.topk over int64 keys (score bits above the reversed block number). Same blocks
-# (tested on CPU against top_n, ties included). CUDA's radix select takes one pass per byte, 8
-# for int64 and 4 for float32; at 64k the int64 top-k took 13.0 ms of device time (H100). Not
-# run on a GPU yet: 0 until measured (tools/bench_scoring.py times both top-n forms).
-TOPN_BY_VALUE = 0
+# of one torch.topk over int64 keys (score bits above the reversed block number; 0). Same blocks
+# (tested on CPU against top_n, ties included; on the GPU the two routes agreed on every row at
+# 64k). CUDA's radix select takes one pass per byte, 8 for int64 and 4 for float32. Measured on an
+# H100 (paper config, D = 128, bf16):
+# - scoring + top-n alone at 64k (tools/bench_scoring.py, one process): 17.69 ms vs 21.61.
+# - the operator at 64k (--variants, one GPU): 148.91 ms fwd+bwd vs 152.33, forward 52.82 vs
+#   56.22, the same peak (10965 MiB); cuDNN 450.6 / 452.8 in the two processes. 1.
+TOPN_BY_VALUE = 1
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) per chunk
 # of positions: q·k̃ᵀ on tensor cores, exp, the sum over the group's heads and the pooling into
 # selection blocks in registers, only [positions, Ts] written — no [positions·Hq, Tc] scores

@@ -264,15 +264,16 @@ def test_causal_score_slices_change_nothing(cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"G{c[2] // c[3]}-T{c[1]}" for c in CASES])
-def test_top_n_by_value_selects_the_reference_blocks(case, monkeypatch):
-    """tuning.TOPN_BY_VALUE: the same blocks as the float64 reference, and the same output."""
+def test_top_n_by_int64_keys_selects_the_reference_blocks(case, monkeypatch):
+    """tuning.TOPN_BY_VALUE = 0 (one top-k over int64 keys; the default route is tested by every
+    other reference test): the same blocks as the float64 reference, and the same output."""
     from nsa_flex import tuning
     B, T, Hq, Hkv, Dk, Dv, kw, separate = case
     cfg = NSAConfig(**kw)
     xs, swa = make_inputs(B, T, Hq, Hkv, Dk, Dv, cfg, separate)
     o_ref, sel_ref = reference_nsa(*[x.double() for x in xs], cfg,
                                    *[s.double() if s is not None else None for s in swa])
-    monkeypatch.setattr(tuning, "TOPN_BY_VALUE", 1)
+    monkeypatch.setattr(tuning, "TOPN_BY_VALUE", 0)
     o, idx = nsa_attention(*xs, cfg, k_swa=swa[0], v_swa=swa[1], return_indices=True)
     assert rel(o, o_ref) < 1e-4
     for b in range(B):
