@@ -23,6 +23,10 @@ SEL_Q_BLOCK: int | None = 16
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
 # cmp = 8: the compressed branch's first KV tiles serve every query; measured on an H100 at 8k
 # (paper config, D=128) its backward kernel went 3.9 -> 1.2 ms, the operator 29.4 -> 26.7 ms.
+# 16 instead: the compressed backward kernel alone 32.46 vs 32.99 ms at 64k (4: 34.58), and at the
+# 1b model's shape (32k, Hq = 32, Hkv = 2, D = 64) 3.13 vs 3.55; but the operator 148.73 vs
+# 148.16 ms at 64k and 11.76 vs 11.99 at 8k (--variants), the 1b flavor 37,376 vs 37,090 tokens/s
+# (one GPU, one after the other): within run-to-run noise, so 8 stays.
 # slc = 8: with 16-row selected tiles the first block's dK/dV program loops over every query
 # tile (every position selects that block). Measured on an H100 at 64k (paper config, D=128):
 # 225.1 ms fwd+bwd (cuDNN 441.5 in the same process) vs 240.9 with 1 (an earlier call, cuDNN
@@ -116,7 +120,9 @@ TOPN_CAUSAL = 1
 # H100 (paper config, D = 128, bf16):
 # - scoring + top-n alone at 64k (tools/bench_scoring.py, one process): 17.69 ms vs 21.61.
 # - the operator at 64k (--variants, one GPU): 148.91 ms fwd+bwd vs 152.33, forward 52.82 vs
-#   56.22, the same peak (10965 MiB); cuDNN 450.6 / 452.8 in the two processes. 1.
+#   56.22, the same peak (10965 MiB); cuDNN 450.6 / 452.8 in the two processes. The 1b flavor at
+#   32k: 38,125 tokens/s vs llama3's 30,689 (1.24x; 1.22x before, another call).
+# GPU gradient check with it passed (T = 4096, Dk = 192: fp32 1.8e-6, bf16 3.8e-3, 0 recompiles). 1.
 TOPN_BY_VALUE = 1
 # 1: the selection scores (eqs. 8-10) by one Triton kernel (nsa_flex/score_kernel.py) per chunk
 # of positions: q·k̃ᵀ on tensor cores, exp, the sum over the group's heads and the pooling into
@@ -177,6 +183,9 @@ TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
 # one-position tiles), 16-bit inputs; None keeps Inductor's (8, chosen for its 128-row tile).
 # Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2 (with
 # TMA: 17.0 with 2 or 1); backward unchanged.
+# With it, the selected forward at 64k (tools/bench_branches.py, kernel ms) under further kernel
+# options: 17.05 as is, fwd_BLOCK_N = 32 16.72, fwd_num_stages 2 17.02 / 4 19.46, fwd_num_warps = 4
+# 17.83; nothing worth a knob.
 SMALL_Q_FWD_WARPS: int | None = 2
 
 
