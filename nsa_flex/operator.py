@@ -86,6 +86,17 @@ def _sel_kv_block(cfg: NSAConfig) -> int:
     return next((kb for kb in (128, 64, 32, 16) if cfg.sel_block % kb == 0), 16)
 
 
+def _swa_kv_block() -> int:
+    """The sliding branch's KV tile: tuning.SWA_KV_BLOCK, else tuning.KV_BLOCK."""
+    kb = tuning.SWA_KV_BLOCK
+    if kb is None:
+        return tuning.KV_BLOCK
+    if kb not in (16, 32, 64, 128):
+        raise ValueError(f"tuning.SWA_KV_BLOCK={kb!r}: the sliding branch's KV tile must be one of "
+                         f"16, 32, 64, 128 (or None for KV_BLOCK = {tuning.KV_BLOCK})")
+    return kb
+
+
 def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
     return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
 
@@ -202,9 +213,10 @@ def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex:
     T = k.shape[1]
     tiles = _static_tiles(functools.partial(sliding_window_tiles, cfg.window), qp.shape[2], group,
                           T, qp.device)
+    kb = _swa_kv_block()
     out, _ = attend(qp, heads_first(k), heads_first(v), sliding_window_mask(cfg.window, group),
-                    tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], tuning.KV_BLOCK),
+                    tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
+                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], kb),
                     q_splits=tuning.Q_SPLITS.get("swa", 1))
     return out
 

@@ -10,6 +10,12 @@ Q_BLOCK = 128
 KV_BLOCK = 128
 # KV tile of the selected branch; None = the largest power of two dividing l', within [16, 128].
 SEL_KV_BLOCK = None
+# KV tile of the sliding branch; None = KV_BLOCK. One of 16, 32, 64, 128. A 128-row query tile
+# (8 positions at G = 16) sees the w + 7 keys ending at its last position: 5-6 tiles of 128 keys
+# (640-768 read for ~519 needed at w = 512) or 9-10 tiles of 64 (576-640). Not measured on a GPU
+# yet (tools/bench_branches.py --branches swa --sets "" "SWA_KV_BLOCK=64"); its 64-key backward
+# tile is EXTRA_BWD_CONFIG.
+SWA_KV_BLOCK: int | None = None
 # Query tile of the selected branch; None = Q_BLOCK. A tile of G rows (one position) needs only
 # that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
 # also adds a small backward candidate (see install_flex_backward_configs). Measured on an H100

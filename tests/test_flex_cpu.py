@@ -114,6 +114,31 @@ def test_selected_mask_mod_and_full_tiles_match_dense(causal_only, full_tiles):
                             Q_SPLITS={"cmp": 4, "slc": 4, "swa": 2})
 
 
+@pytest.mark.parametrize("swa_kv_block", [32, 64])
+def test_sliding_kv_tile_matches_dense(swa_kv_block):
+    """SWA_KV_BLOCK: the sliding branch in KV tiles of 32 or 64 keys (a window of 40 spans tiles
+    partly and wholly), compiled FlexAttention (CPU forward) equals the dense path."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    _compiled_matches_dense(cfg, 1, 256, 16, 1, seed=9, SEL_Q_BLOCK=16, SWA_KV_BLOCK=swa_kv_block)
+
+
+def test_sliding_kv_tile_reaches_the_branch_call_and_is_checked(monkeypatch):
+    """The sliding branch's FlexAttention call gets SWA_KV_BLOCK as its KV tile (KV_BLOCK when
+    None); another size is refused before any compute, naming the value and the sizes allowed."""
+    cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
+    qp, k = torch.zeros(1, 1, 64, 16), torch.zeros(1, 4, 1, 16)
+    seen = []
+    real = op.attend
+    monkeypatch.setattr(op, "attend", lambda *a, **kw: seen.append(kw["kv_block"]) or real(*a, **kw))
+    for tile in (None, 64, 32):
+        with _tuned(SWA_KV_BLOCK=tile):
+            op.sliding_branch(qp, k, k, cfg, 16, 0.25, False)
+    assert seen == [op.tuning.KV_BLOCK, 64, 32]
+    with _tuned(SWA_KV_BLOCK=48), pytest.raises(ValueError, match="SWA_KV_BLOCK=48.*16, 32, 64, 128"):
+        op.sliding_branch(qp, k, k, cfg, 16, 0.25, False)
+    assert len(seen) == 3
+
+
 def test_query_splits_as_views_match_dense():
     """SPLIT_VIEWS: the split queries as a strided view (batch 1), compiled FlexAttention (CPU
     forward) equals the dense path."""
