@@ -306,7 +306,7 @@ def small_q_bwd_config(q_block: int) -> tuple[int, int, int, int]:
     return (q_block, 64, q_block, 64 if SEL_DQ_WIDE_STEPS else q_block)
 
 
-def allow_wide_dq_steps() -> bool:
+def allow_wide_dq_steps() -> None:
     """Remove DQ_STEP_ASSERT from Inductor's FlexAttention backward template (idempotent; see
     SEL_DQ_WIDE_STEPS). Raises where this torch has no such template or the template lacks the
     line (a torch this was not written for), rather than offer 64-key steps unpatched."""
@@ -319,7 +319,7 @@ def allow_wide_dq_steps() -> bool:
     except (ImportError, AttributeError) as e:
         raise refuse from e
     if getattr(template, "_nsa_flex_wide_dq", False):
-        return True
+        return
     source = load_flex_template("flex_backwards") + load_flex_template("utilities")
     if source.count(DQ_STEP_ASSERT) != 1:
         raise refuse
@@ -329,7 +329,6 @@ def allow_wide_dq_steps() -> bool:
     template._hash = hashlib.sha256(source.encode("utf-8")).hexdigest()   # new kernels, new cache keys
     template._nsa_flex_source = source
     template._nsa_flex_wide_dq = True
-    return True
 
 
 def sel_q_block() -> int:

@@ -127,7 +127,9 @@ def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, mo
     changed = [(a, b) for a, b in zip(old_lines, new_lines) if a != b]
     assert len(old_lines) == len(new_lines) and len(changed) == 1
     assert changed[0][0].strip() == tuning.DQ_STEP_ASSERT and "static_assert" not in changed[0][1]
-    assert tuning.allow_wide_dq_steps()                       # idempotent
+    patched, patched_hash = template.template, template._hash
+    tuning.allow_wide_dq_steps()                              # idempotent: no second patch
+    assert template.template is patched and template._hash == patched_hash
     assert template._nsa_flex_source.count("BLOCK_N1 % BLOCK_M1 == 0") == 1   # the other stays
     # a template without the line: refused, not offered unpatched
     import torch._inductor.kernel.flex.common as flex_common
@@ -136,7 +138,6 @@ def test_wide_dq_steps_lift_one_template_line_and_offer_64_key_steps(restore, mo
                         lambda name: original.replace(tuning.DQ_STEP_ASSERT, "") if name == "flex_backwards" else "")
     with pytest.raises(RuntimeError, match="SEL_DQ_WIDE_STEPS=1"):
         tuning.allow_wide_dq_steps()
-
 
 
 def test_block_shape_sizes_scalar_trees_as_constants():
