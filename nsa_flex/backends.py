@@ -25,6 +25,53 @@ from . import tuning
 _HAS_AUX = hasattr(_flex, "AuxRequest")
 
 
+_FLASH_LSE_SCALE: dict[torch.device, float] = {}
+
+
+def _indexed(device) -> torch.device:
+    """"cuda" and "cuda:0" as one key (the current device's index where none is given)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def measure_flash_lse_scale(device) -> float:
+    """What FlexAttention's FLASH backend returns as LSE, as a multiple of the natural-log LSE
+    (measured once per device, before any compile that uses it; see flash_lse_scale).
+
+    FlexAttention's top level multiplies its kernels' LSE by ln 2 (its Triton kernels work in
+    base 2); the FLASH lowering (torch 2.11, flash-attn-4 4.0.0b36) hands over flash-attn-4's
+    natural-log LSE unchanged, so the result comes out ln 2 times too small (measured on an H100:
+    a relative difference of 1 − ln 2 from the Triton backend's). A call on 128 equal keys, whose
+    LSE is log 128 in every row, says which applies; any other factor is refused."""
+    import math
+    device = _indexed(device)
+    if device not in _FLASH_LSE_SCALE:
+        x = torch.zeros(1, 1, 128, 64, device=device, dtype=torch.bfloat16)
+        fn = torch.compile(lambda q: _flex.flex_attention(
+            q, q, q, kernel_options={"BACKEND": "FLASH"}, return_aux=_flex.AuxRequest(lse=True)))
+        got = fn(x)[1].lse.float().mean().item() / math.log(128)
+        factor = next((f for f in (1.0, math.log(2)) if abs(got - f) < 1e-3), None)
+        if factor is None:
+            raise RuntimeError(f"FlexAttention's FLASH backend returned an LSE {got:.4f} times the "
+                               "true one (expected 1 or ln 2); this torch / flash-attn-4 pair is "
+                               "not supported: set tuning.FLASH off")
+        _FLASH_LSE_SCALE[device] = factor
+    return _FLASH_LSE_SCALE[device]
+
+
+def flash_lse_scale(device) -> float:
+    """measure_flash_lse_scale's factor for a call being traced: it must have run before."""
+    device = _indexed(device)
+    if device not in _FLASH_LSE_SCALE:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("call nsa_flex.backends.measure_flash_lse_scale(device) before "
+                               "compiling a branch under tuning.FLASH that returns its LSE")
+        return measure_flash_lse_scale(device)
+    return _FLASH_LSE_SCALE[device]
+
+
 def dense_attention(q, k, v, mask: torch.Tensor, scale: float):
     ctype = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(ctype), k.to(ctype).transpose(-1, -2)) * scale
@@ -167,6 +214,7 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         out, lse = dense_in_chunks(q, k, v, mask_mod, scale, need_lse)
         return out, (lse if need_lse else None)
     S = effective_splits(q_splits, Lq, q_block)
+    flash = (kernel_options or {}).get("BACKEND") == "FLASH"
     if block_mask is not None:
         bm = block_mask(q_splits=S)
     else:
@@ -175,7 +223,9 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
     bm = fixed_layout(bm, backward=needs_backward)
     if S > 1:
         q = split_rows(q, S, view=bool(tuning.SPLIT_VIEWS))
-        if B > 1:  # FlexAttention broadcasts a KV batch of 1 over the chunks, not one of B > 1
+        # FlexAttention's Triton kernels broadcast a KV batch of 1 over the chunks (not one of
+        # B > 1); its FLASH backend (flash-attn-4) broadcasts none
+        if B > 1 or flash:
             k, v = (t.expand(S, *t.shape).reshape(S * B, *t.shape[1:]) for t in (k, v))
     if not need_lse:
         out = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options)
@@ -184,6 +234,9 @@ def attend(q, k, v, mask_mod, tiles, scale: float, *, use_flex: bool, q_block: i
         out, aux = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, kernel_options=kernel_options,
                                         return_aux=_flex.AuxRequest(lse=True))
         lse = aux.lse
+        if flash:
+            scale_lse = flash_lse_scale(q.device)
+            lse = lse if scale_lse == 1.0 else lse * (1.0 / scale_lse)
     else:
         out, lse = _flex.flex_attention(q, k, v, block_mask=bm, scale=scale, return_lse=True,
                                         kernel_options=kernel_options)

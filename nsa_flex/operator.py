@@ -26,7 +26,8 @@ from masks import (causal_mask, compressed_mask, compressed_tiles, forced_blocks
                    tile_keys, tile_positions, without_forced)
 
 from . import tuning
-from .backends import attend, merge_by_lse, split_mask_mod, tiled_block_mask
+from .backends import (attend, measure_flash_lse_scale, merge_by_lse, split_mask_mod,
+                       tiled_block_mask)
 from .config import NSAConfig
 from .gating import GatedSum
 from .selection import select_blocks
@@ -102,11 +103,39 @@ def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
 
 
 def refuse_unchecked_knobs() -> None:
-    """Stop before compute on knobs whose GPU gradient check failed (see tuning); called where
-    the FlexAttention path runs on CUDA."""
+    """Stop before compute on knob settings that cannot run here (tuning.flash_problem) or whose
+    GPU gradient check failed (see tuning); called where the FlexAttention path runs on CUDA."""
+    why = tuning.flash_problem()
+    if why:
+        raise ValueError(why)
     if tuning.SEL_NARROW_Q_LISTS:
         raise ValueError("tuning.SEL_NARROW_Q_LISTS=1 gives wrong dK/dV on CUDA (failed the GPU "
                          "gradient check, see nsa_flex/tuning.py); set it to 0")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_flash_off(why: str) -> None:
+    warnings.warn(f"the compressed branch runs on FlexAttention's Triton backend: {why}. With its "
+                  "FLASH backend (pip install -e .[flash], on an sm90-sm110 card) the branch took 33 "
+                  "instead of 47 ms fwd+bwd at 64k on an H100; set tuning.FLASH['cmp'] = 0 to "
+                  "silence", stacklevel=3)
+
+
+def prepare_flash(device) -> None:
+    """Before compiling for ``device``: refuse FLASH settings that cannot run, say once where
+    tuning.FLASH's automatic choice (None) falls back to Triton, and measure the FLASH backend's
+    LSE scale where a branch that returns its LSE uses it (backends.measure_flash_lse_scale)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if None in tuning.FLASH.values():
+        tuning.flash_available()   # found here, outside the trace that reads it
+    refuse_unchecked_knobs()
+    if tuning.FLASH.get("cmp", 0) is None and not tuning.flash_available():
+        _warn_flash_off("flash-attn-4 is not installed" if torch.cuda.get_device_capability(device)[0]
+                        in (9, 10, 11) else "this card's compute capability is outside 9.x-11.x")
+    if tuning.flash_on("cmp") or tuning.flash_on("forced"):
+        measure_flash_lse_scale(device)
 
 
 def selected_branch_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int, full_width: bool,
@@ -303,6 +332,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
     if use_flex:
         refuse_unchecked_knobs()
+        if not torch.compiler.is_compiling():
+            prepare_flash(q.device)
         if tuning.SCORE_KERNEL and not torch.compiler.is_compiling():
             _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
     if use_flex and not torch.compiler.is_compiling():

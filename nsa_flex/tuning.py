@@ -12,9 +12,11 @@ KV_BLOCK = 128
 SEL_KV_BLOCK = None
 # KV tile of the sliding branch; None = KV_BLOCK. One of 16, 32, 64, 128. A 128-row query tile
 # (8 positions at G = 16) sees the w + 7 keys ending at its last position: 5-6 tiles of 128 keys
-# (640-768 read for ~519 needed at w = 512) or 9-10 tiles of 64 (576-640). Not measured on a GPU
-# yet (tools/bench_branches.py --branches swa --sets "" "SWA_KV_BLOCK=64"); its 64-key backward
-# tile is EXTRA_BWD_CONFIG.
+# (640-768 read for ~519 needed at w = 512) or 9-10 tiles of 64 (576-640); its 64-key backward
+# tile is EXTRA_BWD_CONFIG. Measured on an H100 at 64k (tools/bench_branches.py --branches swa,
+# paper config, D = 128, bf16; kernel ms fwd / bwd, two calls): 64 gave 3.92 / 14.41 and 3.90 /
+# 14.60 against 4.47 / 10.89 and 4.33 / 10.72 with 128 (fwd+bwd 19.28 vs 16.40, 20.06 vs 16.55):
+# the forward gains, the backward loses more. None.
 SWA_KV_BLOCK: int | None = None
 # Query tile of the selected branch; None = Q_BLOCK. A tile of G rows (one position) needs only
 # that position's n blocks instead of the union over Q_BLOCK / G positions; below 64 rows it
@@ -49,7 +51,9 @@ SPLIT_VIEWS = 1
 # forced blocks (a static mask, query-split by Q_SPLITS["forced"]) and the data-dependent rest —
 # so that no query tile's dynamic list holds the first block, which every tile uses. Measured on
 # an H100 at 64k: 447 ms fwd+bwd vs 431 without, +7.8 GiB peak (the selected backward kernel
-# 233 vs 238 ms: the first block's loop was not what made it slow). 0.
+# 233 vs 238 ms: the first block's loop was not what made it slow). With today's one-position
+# selected tiles, at 8k (--variants, one H100, cuDNN 8.31 / 8.39 ms alongside): 13.08 ms fwd+bwd
+# and 1613 MiB vs 11.87 ms and 1259 MiB without. 0.
 SEL_FORCED_STATIC = 0
 # 1: build the selected BlockMask from the block numbers with KV lists P·n wide (P positions per
 # query tile) instead of classifying all T/kv_block KV tiles (masks/selected_lists.py). On (see
@@ -185,6 +189,26 @@ KERNEL_OPTIONS: dict[str, dict] = {"cmp": {}, "slc": {}, "swa": {}, "forced": {}
 # 450.6 / 451.9); 10965 vs 10757 MiB. GPU gradient check with the three passed (T = 4096,
 # Dk = 192: fp32 1.9e-6, bf16 3.8e-3, 0 recompiles).
 TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
+# Per branch: FlexAttention's FLASH backend (kernel option BACKEND="FLASH") for 16-bit inputs:
+# Inductor lowers the branch's call to flash-attn-4's CuTe DSL kernels (wgmma, the FA3 design on
+# Hopper) instead of its Triton template; same mask_mod and BlockMask. 1 on, 0 off, None: on where
+# flash_available() (the package flash-attn-4, ``pip install -e .[flash]``, and a CUDA card of
+# compute capability 9.x-11.x), else off with a warning. Needs 128x128 tiles (Q_BLOCK = KV_BLOCK =
+# 128, and no SWA_KV_BLOCK other than 128 for the sliding branch), so the selected branch's 16-row
+# tiles cannot take it; checked before compute (flash_problem). On torch 2.11 its LSE comes out
+# ln 2 times the true one (backends.measure_flash_lse_scale measures and corrects it), and its K/V
+# take one batch entry per query split (backends.attend copies them; the Triton kernels
+# broadcast). Measured on an H100 (torch 2.11, flash-attn-4 4.0.0b36, paper config, D = 128, bf16):
+# - each branch alone at 64k (tools/bench_branches.py, same process; kernel ms fwd / bwd):
+#   compressed 7.30 / 24.96 vs Triton's 12.18 / 33.02, fwd+bwd 33.16 vs 46.76 ms; sliding 2.95 /
+#   15.00 vs 4.40 / 10.78, fwd+bwd 18.47 vs 16.57 (its backward is slower). Outputs and gradients
+#   within 3.1e-3 (relative) of Triton's.
+# - the operator at T = 4096 with FLASH["cmp"] = 1 vs 0 (one process): the same selected blocks in
+#   every row, output within 1.4e-3, gradients within 3.5e-3.
+# Not yet measured: the operator's time with it (the runs this was written in failed on the LSE
+# scale's device key, fixed since) and tools/check_gpu.py. Until both are done: 0 (None is the
+# intended default for cmp once they pass).
+FLASH: dict[str, int | None] = {"cmp": 0, "swa": 0, "forced": 0}
 # Warps of the FlexAttention forward for a query tile under 64 rows (the selected branch's
 # one-position tiles), 16-bit inputs; None keeps Inductor's (8, chosen for its 128-row tile).
 # Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2 (with
@@ -241,12 +265,16 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
       3 stages) needs more shared memory than the card has at Dk=192, so use 32x32, 2 stages.
     - a KV tile below 128 (the selected branch with l' = 64): a forward tile of at most 64 keys;
       the backward tile comes from :func:`install_flex_backward_configs`.
+    - 16-bit inputs under FLASH for the branch: the FLASH backend (its own tiles; Triton's
+      options do not apply).
     - 16-bit inputs: TMA loads where tuning.TMA says so for the branch, SMALL_Q_FWD_WARPS
       forward warps for a query tile under 64 rows, and under SEL_DQ_WIDE_STEPS its dQ steps
       of 64 keys.
     """
     opts: dict = {}
     rows = q_block or Q_BLOCK
+    if flash_on(branch) and dtype != torch.float32:
+        return {"BACKEND": "FLASH", **KERNEL_OPTIONS.get(branch, {})}
     if dtype == torch.float32:
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
     else:
@@ -265,6 +293,62 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
         opts["fwd_BLOCK_M"] = min(opts.get("fwd_BLOCK_M", 64), rows)
     opts.update(KERNEL_OPTIONS.get(branch, {}))
     return opts or None
+
+
+_FLASH_AVAILABLE: bool | None = None
+
+
+def flash_available() -> bool:
+    """Whether FlexAttention's FLASH backend can run here: flash-attn-4 importable and a CUDA card
+    of compute capability 9.x-11.x (flash-attn-4's block-sparse backward). Found once, outside
+    any trace (operator.prepare_flash), then read."""
+    global _FLASH_AVAILABLE
+    if _FLASH_AVAILABLE is None:
+        import importlib.util
+        ok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10, 11)
+        try:
+            ok = ok and importlib.util.find_spec("flash_attn.cute") is not None
+        except ImportError:   # (a broken flash_attn counts as none)
+            ok = False
+        _FLASH_AVAILABLE = ok
+    return _FLASH_AVAILABLE
+
+
+def flash_on(branch: str) -> bool:
+    """FLASH's setting for a branch, None resolved by flash_available() (found before any trace:
+    operator.prepare_flash, which nsa_attention and the model's parallelize call)."""
+    value = FLASH.get(branch, 0)
+    if value is None and _FLASH_AVAILABLE is None and torch.compiler.is_compiling():
+        raise RuntimeError(f"tuning.FLASH[{branch!r}] is None (automatic): call "
+                           "nsa_flex.operator.prepare_flash(device) before compiling a model that "
+                           "calls nsa_attention, or set it to 0 or 1")
+    return flash_available() if value is None else bool(value)
+
+
+def flash_problem() -> str | None:
+    """Why the FLASH settings cannot run here (None when they can): a branch set to 1 needs the
+    flash-attn-4 package, and any branch under FLASH 128x128 tiles. Called by the operator before
+    compute."""
+    import importlib.util
+    forced = sorted(b for b, v in FLASH.items() if v)
+    if forced:
+        try:
+            found = importlib.util.find_spec("flash_attn.cute") is not None
+        except ImportError:
+            found = False
+        if not found:
+            return (f"tuning.FLASH is 1 for {forced} but the flash-attn-4 package (flash_attn.cute) "
+                    "is not installed; pip install -e .[flash] (or set FLASH to 0 or None for those "
+                    "branches)")
+    on = sorted(b for b in FLASH if flash_on(b))
+    tiles = {"Q_BLOCK": Q_BLOCK, "KV_BLOCK": KV_BLOCK}
+    if "swa" in on and SWA_KV_BLOCK not in (None, 128):
+        tiles["SWA_KV_BLOCK"] = SWA_KV_BLOCK
+    bad = {k: v for k, v in tiles.items() if v != 128}
+    if on and bad:
+        return (f"tuning.FLASH is on for {on}, whose kernels take 128x128 tiles, but "
+                + ", ".join(f"{k}={v}" for k, v in bad.items()) + "; set those to 128 or FLASH to 0")
+    return None
 
 
 # A 64x64 FlexAttention backward tile for bf16/fp16 on CUDA. Inductor filters its backward configs

@@ -215,3 +215,59 @@ def test_knob_that_failed_the_gpu_check_is_refused_on_cuda(restore):
     assert out.shape == (1, T, 4, 8) and torch.isfinite(out).all()
     tuning.apply(["SEL_NARROW_Q_LISTS=0"])
     refuse_unchecked_knobs()
+
+
+def test_flash_knob_gives_the_flash_backend_to_16_bit_calls_of_its_branches_only(restore):
+    tuning.apply(["FLASH.cmp=1"])
+    assert tuning.kernel_options("cmp", torch.bfloat16, 128, 128) == {"BACKEND": "FLASH"}
+    assert tuning.kernel_options("swa", torch.bfloat16, 128, 128) is None
+    fp32 = tuning.kernel_options("cmp", torch.float32, 128, 128)   # flash-attn-4 has no fp32
+    assert "BACKEND" not in fp32 and fp32["fwd_BLOCK_M"] == 32
+    with pytest.raises(ValueError, match="no branch 'slc'"):      # 16-row tiles: not offered
+        tuning.apply(["FLASH.slc=1"])
+
+
+def test_flash_problem_names_the_tiles_or_the_missing_package(restore, monkeypatch):
+    import importlib.util
+    assert tuning.flash_problem() is None                   # defaults: auto, off on this machine
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "flash_attn.cute" else real(name))
+    tuning.apply(["FLASH.swa=1", "SWA_KV_BLOCK=64"])
+    assert "['swa']" in tuning.flash_problem() and "SWA_KV_BLOCK=64" in tuning.flash_problem()
+    tuning.apply(["SWA_KV_BLOCK=None", "KV_BLOCK=64"])
+    assert "KV_BLOCK=64" in tuning.flash_problem()
+    tuning.apply(["KV_BLOCK=128"])
+    assert tuning.flash_problem() is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "flash-attn-4" in tuning.flash_problem() and "pip install" in tuning.flash_problem()
+
+
+def test_flash_none_follows_availability(restore, monkeypatch):
+    tuning.apply(["FLASH.cmp=None"])
+    monkeypatch.setattr(tuning, "flash_available", lambda: True)
+    assert tuning.flash_on("cmp") and not tuning.flash_on("swa")
+    assert tuning.kernel_options("cmp", torch.bfloat16, 128, 128) == {"BACKEND": "FLASH"}
+    tuning.apply(["KV_BLOCK=64"])                  # auto-on counts for the tile check too
+    assert "['cmp']" in tuning.flash_problem()
+    monkeypatch.setattr(tuning, "flash_available", lambda: False)
+    assert not tuning.flash_on("cmp") and tuning.flash_problem() is None
+    assert tuning.kernel_options("cmp", torch.bfloat16, 128, 128) is None
+
+
+def test_operator_refuses_flash_settings_that_cannot_run_before_compute(restore):
+    from nsa_flex import operator as op
+    op.refuse_unchecked_knobs()                                     # defaults: nothing to refuse
+    tuning.apply(["FLASH.cmp=1"])                      # (no flash-attn-4 on the CPU machines)
+    with pytest.raises(ValueError, match=r"FLASH is 1 for \['cmp'\].*pip install -e .\[flash\]"):
+        op.refuse_unchecked_knobs()
+
+
+def test_flash_none_needs_its_answer_found_before_a_trace(restore, monkeypatch):
+    tuning.apply(["FLASH.cmp=None"])
+    monkeypatch.setattr(tuning, "_FLASH_AVAILABLE", None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="prepare_flash"):
+        tuning.flash_on("cmp")
+    monkeypatch.setattr(tuning, "_FLASH_AVAILABLE", False)        # found earlier: read
+    assert not tuning.flash_on("cmp")

@@ -233,8 +233,8 @@ def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
-    ("flex backward", ("flex_attention_backward",)),
-    ("flex forward", ("flex_attention",)),
+    ("flex backward", ("flex_attention_backward", "FlashAttentionBackward")),   # (FLASH backend:
+    ("flex forward", ("flex_attention", "FlashAttentionForward")),              # flash-attn-4's)
     ("inductor templates (flex)", ("triton_tem",)),
     ("top-n / sort", ("topk", "sort", "radix", "bitonic")),
     ("matmul (scoring, gates)", ("gemm", "nvjet", "xmma", "cutlass", "_mm_", "bmm", "matmul")),
@@ -430,6 +430,7 @@ def main():
     global GPU_LOCK, BARRIER
     GPU_LOCK, BARRIER = a.gpu_lock, a.barrier
     tuned = op.tuning.apply(a.tune)
+    op.prepare_flash("cuda")   # (parts() compiles branches outside the operator)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
