@@ -103,9 +103,10 @@ def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
 
 
 def refuse_unchecked_knobs() -> None:
-    """Stop before compute on knob settings that cannot run here (tuning.flash_problem) or whose
-    GPU gradient check failed (see tuning); called where the FlexAttention path runs on CUDA."""
-    why = tuning.flash_problem()
+    """Stop before compute on knob settings that cannot run here (tuning.flash_problem, not while
+    tracing: it looks for a package; prepare_flash runs it before) or whose GPU gradient check
+    failed (see tuning); called where the FlexAttention path runs on CUDA."""
+    why = None if torch.compiler.is_compiling() else tuning.flash_problem()
     if why:
         raise ValueError(why)
     if tuning.SEL_NARROW_Q_LISTS:

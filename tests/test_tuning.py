@@ -271,3 +271,16 @@ def test_flash_none_needs_its_answer_found_before_a_trace(restore, monkeypatch):
         tuning.flash_on("cmp")
     monkeypatch.setattr(tuning, "_FLASH_AVAILABLE", False)        # found earlier: read
     assert not tuning.flash_on("cmp")
+
+
+def test_knob_refusal_inside_a_trace_looks_for_no_package(restore, monkeypatch):
+    import importlib.util
+
+    from nsa_flex import operator as op
+
+    def no_lookup(name):
+        raise AssertionError("find_spec called while tracing (Dynamo refuses it)")
+    tuning.apply(["FLASH.cmp=1"])
+    monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    op.refuse_unchecked_knobs()
