@@ -129,9 +129,7 @@ def prepare_flash(device) -> None:
     device = torch.device(device)
     if device.type != "cuda":
         return
-    if None in tuning.FLASH.values():
-        tuning.flash_available()   # found here, outside the trace that reads it
-    refuse_unchecked_knobs()
+    refuse_unchecked_knobs()   # (flash_on, there, finds tuning.flash_available outside any trace)
     if tuning.FLASH.get("cmp", 0) is None and not tuning.flash_available():
         _warn_flash_off("flash-attn-4 is not installed" if torch.cuda.get_device_capability(device)[0]
                         in (9, 10, 11) else "this card's compute capability is outside 9.x-11.x")
@@ -331,11 +329,11 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     """
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
     use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
-    if use_flex:
+    if use_flex and torch.compiler.is_compiling():
         refuse_unchecked_knobs()
-        if not torch.compiler.is_compiling():
-            prepare_flash(q.device)
-        if tuning.SCORE_KERNEL and not torch.compiler.is_compiling():
+    elif use_flex:
+        prepare_flash(q.device)   # (refuses what cannot run, before compute)
+        if tuning.SCORE_KERNEL:
             _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
     if use_flex and not torch.compiler.is_compiling():
         return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)

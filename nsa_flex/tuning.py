@@ -304,14 +304,18 @@ def flash_available() -> bool:
     any trace (operator.prepare_flash), then read."""
     global _FLASH_AVAILABLE
     if _FLASH_AVAILABLE is None:
-        import importlib.util
-        ok = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (9, 10, 11)
-        try:
-            ok = ok and importlib.util.find_spec("flash_attn.cute") is not None
-        except ImportError:   # (a broken flash_attn counts as none)
-            ok = False
-        _FLASH_AVAILABLE = ok
+        _FLASH_AVAILABLE = (torch.cuda.is_available() and _flash_package()
+                            and torch.cuda.get_device_capability()[0] in (9, 10, 11))
     return _FLASH_AVAILABLE
+
+
+def _flash_package() -> bool:
+    """Whether flash-attn-4 (flash_attn.cute) is installed; a broken flash_attn counts as none."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ImportError:
+        return False
 
 
 def flash_on(branch: str) -> bool:
@@ -329,17 +333,11 @@ def flash_problem() -> str | None:
     """Why the FLASH settings cannot run here (None when they can): a branch set to 1 needs the
     flash-attn-4 package, and any branch under FLASH 128x128 tiles. Called by the operator before
     compute."""
-    import importlib.util
     forced = sorted(b for b, v in FLASH.items() if v)
-    if forced:
-        try:
-            found = importlib.util.find_spec("flash_attn.cute") is not None
-        except ImportError:
-            found = False
-        if not found:
-            return (f"tuning.FLASH is 1 for {forced} but the flash-attn-4 package (flash_attn.cute) "
-                    "is not installed; pip install -e .[flash] (or set FLASH to 0 or None for those "
-                    "branches)")
+    if forced and not _flash_package():
+        return (f"tuning.FLASH is 1 for {forced} but the flash-attn-4 package (flash_attn.cute) "
+                "is not installed; pip install -e .[flash] (or set FLASH to 0 or None for those "
+                "branches)")
     on = sorted(b for b in FLASH if flash_on(b))
     tiles = {"Q_BLOCK": Q_BLOCK, "KV_BLOCK": KV_BLOCK}
     if "swa" in on and SWA_KV_BLOCK not in (None, 128):
