@@ -102,11 +102,11 @@ def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
     return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
 
 
-def refuse_unchecked_knobs() -> None:
-    """Stop before compute on knob settings that cannot run here (tuning.flash_problem, not while
-    tracing: it looks for a package; prepare_flash runs it before) or whose GPU gradient check
-    failed (see tuning); called where the FlexAttention path runs on CUDA."""
-    why = None if torch.compiler.is_compiling() else tuning.flash_problem()
+def refuse_unchecked_knobs(qk_dim: int | None = None, v_dim: int | None = None) -> None:
+    """Stop before compute on knob settings that cannot run here (tuning.flash_problem for these
+    head dims; its package lookup not while tracing, prepare_flash runs it before) or whose GPU
+    gradient check failed (see tuning); called where the FlexAttention path runs on CUDA."""
+    why = tuning.flash_problem(qk_dim, v_dim, package=not torch.compiler.is_compiling())
     if why:
         raise ValueError(why)
     if tuning.SEL_NARROW_Q_LISTS:
@@ -122,17 +122,23 @@ def _warn_flash_off(why: str) -> None:
                   "silence", stacklevel=3)
 
 
-def prepare_flash(device) -> None:
-    """Before compiling for ``device``: refuse FLASH settings that cannot run, say once where
-    tuning.FLASH's automatic choice (None) falls back to Triton, and measure the FLASH backend's
-    LSE scale where a branch that returns its LSE uses it (backends.measure_flash_lse_scale)."""
+def prepare_flash(device, qk_dim: int | None = None, v_dim: int | None = None) -> None:
+    """Before compiling for ``device`` (and head dims, where known): refuse FLASH settings that
+    cannot run, say once where tuning.FLASH's automatic choice (None) falls back to Triton, and
+    measure the FLASH backend's LSE scale where a branch that returns its LSE uses it
+    (backends.measure_flash_lse_scale)."""
     device = torch.device(device)
     if device.type != "cuda":
         return
-    refuse_unchecked_knobs()   # (flash_on, there, finds tuning.flash_available outside any trace)
-    if tuning.FLASH.get("cmp", 0) is None and not tuning.flash_available():
-        _warn_flash_off("flash-attn-4 is not installed" if torch.cuda.get_device_capability(device)[0]
-                        in (9, 10, 11) else "this card's compute capability is outside 9.x-11.x")
+    refuse_unchecked_knobs(qk_dim, v_dim)   # (flash_on, there, finds tuning.flash_available
+    if tuning.FLASH.get("cmp", 0) is None:  #  outside any trace)
+        if not tuning.flash_available():
+            _warn_flash_off("flash-attn-4 is not installed"
+                            if torch.cuda.get_device_capability(device)[0] in (9, 10, 11)
+                            else "this card's compute capability is outside 9.x-11.x")
+        elif qk_dim is not None and not tuning.flash_fits(qk_dim, v_dim or qk_dim):
+            _warn_flash_off(f"the head dims Dk={qk_dim}, Dv={v_dim or qk_dim} are above "
+                            f"tuning.FLASH_MAX_HEAD_DIM={tuning.FLASH_MAX_HEAD_DIM}")
     if tuning.flash_on("cmp") or tuning.flash_on("forced"):
         measure_flash_lse_scale(device)
 
@@ -189,7 +195,7 @@ def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float
     return attend(qp, heads_first(k_cmp), heads_first(v_cmp),
                   compressed_mask(cfg.cmp_block, cfg.cmp_stride, group), tiles, scale,
                   use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK),
+                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK, v_dim=Dv),
                   need_lse=True, q_splits=tuning.Q_SPLITS.get("cmp", 1))
 
 
@@ -221,7 +227,8 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     out, lse = attend(qp, kh, vh, mask_mod,
                       lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
                       use_flex=use_flex, q_block=qb, kv_block=kb,
-                      kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb),
+                      kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb,
+                                                           v_dim=vh.shape[-1]),
                       need_lse=split, q_splits=tuning.Q_SPLITS.get("slc", 1), block_mask=narrow)
     if not split:
         return out
@@ -231,7 +238,8 @@ def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use
     # the tiles (KV_BLOCK) and query splits proven there rather than the selected branch's.
     o_f, lse_f = attend(qp, kh, vh, forced_blocks_mask(cfg.sel_block, cfg.n_init, cfg.n_local, group),
                         tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                        kernel_options=tuning.kernel_options("forced", qp.dtype, qp.shape[-1], tuning.KV_BLOCK),
+                        kernel_options=tuning.kernel_options("forced", qp.dtype, qp.shape[-1], tuning.KV_BLOCK,
+                                                             v_dim=vh.shape[-1]),
                         need_lse=True, q_splits=tuning.Q_SPLITS.get("forced", 1))
     return merge_by_lse(o_f, lse_f, out, lse)[0]
 
@@ -244,7 +252,8 @@ def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex:
     kb = _swa_kv_block()
     out, _ = attend(qp, heads_first(k), heads_first(v), sliding_window_mask(cfg.window, group),
                     tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
-                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], kb),
+                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], kb,
+                                                         v_dim=v.shape[-1]),
                     q_splits=tuning.Q_SPLITS.get("swa", 1))
     return out
 
@@ -330,9 +339,9 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
     _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
     use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
     if use_flex and torch.compiler.is_compiling():
-        refuse_unchecked_knobs()
+        refuse_unchecked_knobs(q.shape[-1], v.shape[-1])
     elif use_flex:
-        prepare_flash(q.device)   # (refuses what cannot run, before compute)
+        prepare_flash(q.device, q.shape[-1], v.shape[-1])   # (refuses what cannot run first)
         if tuning.SCORE_KERNEL:
             _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
     if use_flex and not torch.compiler.is_compiling():

@@ -205,10 +205,23 @@ TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
 #   within 3.1e-3 (relative) of Triton's.
 # - the operator at T = 4096 with FLASH["cmp"] = 1 vs 0 (one process): the same selected blocks in
 #   every row, output within 1.4e-3, gradients within 3.5e-3.
-# Not yet measured: the operator's time with it (the runs this was written in failed on the LSE
-# scale's device key, fixed since) and tools/check_gpu.py. Until both are done: 0 (None is the
-# intended default for cmp once they pass).
+# - the operator with FLASH["cmp"] = 1 vs 0 (tools/bench.py --variants, one process, cuDNN
+#   alongside): 64k 137.96 vs 148.59 ms fwd+bwd, peak 11716 vs 10965 MiB (cuDNN 11616: above it);
+#   8k 11.43 vs 11.89 ms, 1465 vs 1259 MiB (cuDNN 1454). The extra memory comes with flash-attn-4's
+#   backward (likely its fp32 dQ accumulator, not measured apart) and costs the 64k memory target,
+#   so 0 stays the default and 1 (or None) is the user's choice: 7% faster at 64k, 751 MiB more.
+# - tools/check_gpu.py at T = 4096, Dk = Dv = 128, FLASH["cmp"] = 1: bf16 within 3.8e-3 of the fp32
+#   dense path (98.4% the same selection), no NaN, 0 recompiles.
+# - the 1b flavor at 32k (head dim 64): 38.0k vs 37.7k tokens/s (llama3 30.7k), one H100.
+# - at Dk = 192 its backward stops ("Block sparsity expects sparse_block_size[1]=96"), see
+#   FLASH_MAX_HEAD_DIM.
 FLASH: dict[str, int | None] = {"cmp": 0, "swa": 0, "forced": 0}
+# The largest head dim (Dk and Dv) a FLASH branch runs at. flash-attn-4's sm90 block-sparse
+# backward tiles keys by 128 up to head dim 128 but by 96 above it, and the branches' blocks are
+# 128 keys: at Dk = 192 (the paper's shape) its backward stopped with "Block sparsity expects
+# sparse_block_size[1]=96" (H100, tools/check_gpu.py). Above it a branch under FLASH None runs on
+# Triton; one under 1 is refused before compute (flash_problem).
+FLASH_MAX_HEAD_DIM = 128
 # Warps of the FlexAttention forward for a query tile under 64 rows (the selected branch's
 # one-position tiles), 16-bit inputs; None keeps Inductor's (8, chosen for its 128-row tile).
 # Measured at 64k as for TMA: the selected forward 22.1 ms with 8, 17.1 with 4, 16.5 with 2 (with
@@ -258,22 +271,22 @@ def apply(items: list[str]) -> dict:
 
 
 def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
-                   q_block: int | None = None) -> dict:
+                   q_block: int | None = None, v_dim: int | None = None) -> dict:
     """FlexAttention kernel options for one branch call.
 
     - float32: Inductor's sm90 default forward tile for head dims it has no entry for (64x64,
       3 stages) needs more shared memory than the card has at Dk=192, so use 32x32, 2 stages.
     - a KV tile below 128 (the selected branch with l' = 64): a forward tile of at most 64 keys;
       the backward tile comes from :func:`install_flex_backward_configs`.
-    - 16-bit inputs under FLASH for the branch: the FLASH backend (its own tiles; Triton's
-      options do not apply).
+    - 16-bit inputs under FLASH for the branch, head dims (qk_dim, v_dim; None: qk_dim) at most
+      FLASH_MAX_HEAD_DIM: the FLASH backend (its own tiles; Triton's options do not apply).
     - 16-bit inputs: TMA loads where tuning.TMA says so for the branch, SMALL_Q_FWD_WARPS
       forward warps for a query tile under 64 rows, and under SEL_DQ_WIDE_STEPS its dQ steps
       of 64 keys.
     """
     opts: dict = {}
     rows = q_block or Q_BLOCK
-    if flash_on(branch) and dtype != torch.float32:
+    if flash_on(branch) and dtype != torch.float32 and flash_fits(qk_dim, v_dim or qk_dim):
         return {"BACKEND": "FLASH", **KERNEL_OPTIONS.get(branch, {})}
     if dtype == torch.float32:
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
@@ -329,12 +342,24 @@ def flash_on(branch: str) -> bool:
     return flash_available() if value is None else bool(value)
 
 
-def flash_problem() -> str | None:
+def flash_fits(qk_dim: int, v_dim: int) -> bool:
+    """Whether a branch's head dims are ones the FLASH backend runs (FLASH_MAX_HEAD_DIM)."""
+    return max(qk_dim, v_dim) <= FLASH_MAX_HEAD_DIM
+
+
+def flash_problem(qk_dim: int | None = None, v_dim: int | None = None,
+                  package: bool = True) -> str | None:
     """Why the FLASH settings cannot run here (None when they can): a branch set to 1 needs the
-    flash-attn-4 package, and any branch under FLASH 128x128 tiles. Called by the operator before
-    compute."""
+    flash-attn-4 package (looked for unless ``package`` is False: not inside a trace) and head dims
+    within FLASH_MAX_HEAD_DIM (where given), and any branch under FLASH 128x128 tiles. Called by
+    the operator before compute."""
     forced = sorted(b for b, v in FLASH.items() if v)
-    if forced and not _flash_package():
+    if forced and qk_dim is not None and not flash_fits(qk_dim, v_dim or qk_dim):
+        return (f"tuning.FLASH is 1 for {forced} but the head dims are Dk={qk_dim}, "
+                f"Dv={v_dim or qk_dim}: flash-attn-4's block-sparse backward runs the branches' "
+                f"128-key blocks only up to {FLASH_MAX_HEAD_DIM} (FLASH_MAX_HEAD_DIM); set FLASH "
+                "to 0 for those branches (or None: Triton at these head dims)")
+    if forced and package and not _flash_package():
         return (f"tuning.FLASH is 1 for {forced} but the flash-attn-4 package (flash_attn.cute) "
                 "is not installed; pip install -e .[flash] (or set FLASH to 0 or None for those "
                 "branches)")

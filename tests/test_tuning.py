@@ -284,3 +284,31 @@ def test_knob_refusal_inside_a_trace_looks_for_no_package(restore, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", no_lookup)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     op.refuse_unchecked_knobs()
+
+
+def test_flash_above_its_head_dim_stays_on_triton_or_is_refused(restore, monkeypatch):
+    import importlib.util
+
+    from nsa_flex import operator as op
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "flash_attn.cute" else real(name))
+    tuning.apply(["FLASH.cmp=1"])
+    assert tuning.kernel_options("cmp", torch.bfloat16, 128, 128, v_dim=128) == {"BACKEND": "FLASH"}
+    # the paper's Dk = 192: Triton's options, not FLASH, and FLASH = 1 refused before compute
+    assert "BACKEND" not in (tuning.kernel_options("cmp", torch.bfloat16, 192, 128, v_dim=128) or {})
+    assert "BACKEND" not in (tuning.kernel_options("cmp", torch.bfloat16, 128, 128, v_dim=256) or {})
+    assert tuning.flash_problem(128, 128) is None
+    why = tuning.flash_problem(192, 128)
+    assert "Dk=192" in why and "Dv=128" in why and "FLASH_MAX_HEAD_DIM" in why and "set FLASH" in why
+    with pytest.raises(ValueError, match=r"Dk=192, Dv=128"):
+        op.refuse_unchecked_knobs(192, 128)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # inside a trace too
+    with pytest.raises(ValueError, match=r"Dk=192, Dv=128"):
+        op.refuse_unchecked_knobs(192, 128)
+    # automatic (None) with the package: Triton at Dk = 192, not an error
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    tuning.apply(["FLASH.cmp=None"])
+    monkeypatch.setattr(tuning, "flash_available", lambda: True)
+    assert tuning.flash_problem(192, 128) is None
+    assert "BACKEND" not in (tuning.kernel_options("cmp", torch.bfloat16, 192, 128, v_dim=128) or {})
