@@ -313,6 +313,17 @@ def _warn_unfit_score_kernel(cfg: NSAConfig, group: int) -> None:
                       stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unfit_topn_kernel(cfg: NSAConfig, seq_len: int) -> None:
+    """Say once per shape where tuning.TOPN_KERNEL cannot apply (the torch route ranks then)."""
+    from .topn_kernel import unfit
+    why = unfit(cfg.num_sel_blocks(seq_len))
+    if why:
+        warnings.warn(f"{why}: this sequence's top-n takes the torch route (the same blocks, more "
+                      "time); raise tuning.TOPN_KERNEL_MAX_BLOCKS or set tuning.TOPN_KERNEL = 0 "
+                      "to silence", stacklevel=3)
+
+
 @contextlib.contextmanager
 def dense_path():
     """Within this context nsa_attention takes the dense path on CUDA too: the same mask_mods
@@ -344,6 +355,8 @@ def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v
         prepare_flash(q.device, q.shape[-1], v.shape[-1])   # (refuses what cannot run first)
         if tuning.SCORE_KERNEL:
             _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
+        if tuning.TOPN_KERNEL:
+            _warn_unfit_topn_kernel(config, q.shape[1])
     if use_flex and not torch.compiler.is_compiling():
         return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)
     return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, use_flex)

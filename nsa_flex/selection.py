@@ -60,7 +60,8 @@ def top_n(p_slc: torch.Tensor, pos: torch.Tensor, cfg: NSAConfig) -> torch.Tenso
     """
     Ts = p_slc.shape[-1]
     j, cand, forced = _candidates(p_slc, pos, cfg)
-    bits = p_slc.float().clamp_min(0).view(torch.int32)
+    p = p_slc.float()
+    bits = torch.where(p > 0, p, 0.0).view(torch.int32)   # (not clamp_min: −0.0 would stay, sign bit set)
     key = torch.where(forced, _FORCED_KEY, torch.where(cand, bits, -1)).to(torch.int64)
     key = (key << 32) | (Ts - 1 - j)
     k = min(cfg.sel_topn, Ts)
@@ -152,7 +153,8 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
     """Scores and top-n for every position, chunk by chunk: returns [B, Hkv, T, n] int32 block
     numbers. Arguments as in :func:`selection_scores`. With tuning.SCORE_KERNEL (CUDA) the
     scores of a chunk come from one Triton kernel (score_kernel.py), which keeps no per-head
-    scores, so its chunks are sized by the top-n's int64 keys alone."""
+    scores, so its chunks are sized by the top-n's int64 keys alone; with tuning.TOPN_KERNEL
+    (CUDA) its top-n from another (topn_kernel.py)."""
     B, H, _, _ = q_packed.shape
     Tc = k_cmp.shape[2]
     Ts = cfg.num_sel_blocks(seq_len)
@@ -169,6 +171,11 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         chunk = tuning.SCORE_CHUNK_ELEMS // max(1, group * max(Tc, 1) * B * H)
     chunk = max(1, min(seq_len, chunk))
     rank = top_n_by_value if tuning.TOPN_BY_VALUE else top_n
+    topn_kernel = bool(tuning.TOPN_KERNEL) and q_packed.is_cuda
+    if topn_kernel:   # (where a row does not fit, nsa_attention has warned once)
+        from . import topn_kernel as tk   # imports triton: CUDA only
+
+        topn_kernel = tk.unfit(_visible_sel_blocks(cfg, seq_len, Ts)) is None
     out = []
     for t0 in range(0, seq_len, chunk):
         t1 = min(seq_len, t0 + chunk)
@@ -179,5 +186,9 @@ def select_blocks(q_packed: torch.Tensor, k_cmp: torch.Tensor, lse_cmp: torch.Te
         else:
             p_slc = selection_scores(q_packed, _visible_k_cmp(k_cmp, cfg, t1), lse_cmp, cfg, scale,
                                      group, t0, t1, num_sel=num_sel)
-        out.append(rank(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
+        if topn_kernel:
+            out.append(torch.ops.nsa_flex.top_n(p_slc, t0, cfg.sel_block, cfg.n_init, cfg.n_local,
+                                                cfg.sel_topn))
+        else:
+            out.append(rank(p_slc, torch.arange(t0, t1, device=q_packed.device), cfg))
     return torch.cat(out, dim=2)

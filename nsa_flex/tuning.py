@@ -160,6 +160,28 @@ SCORE_KERNEL = 1
 #   64:128:4:3 9.58 / 17.99     128:64:8:3 7.97 / 12.96                   64:64:4:3 8.79 / 17.71
 SCORE_TILES: dict[str, int] = {"rows": 128, "blocks": 64, "warps": 8, "stages": 3}
 SCORE_TILES_WIDE: dict[str, int] = {"rows": 64, "blocks": 64, "warps": 4, "stages": 2}
+# 1: the top-n (eqs. 11-12) by one Triton kernel (nsa_flex/topn_kernel.py) per chunk of positions:
+# a row of scores in registers, n rounds of "largest score, lowest j among equals", instead of
+# torch.topk's radix passes and the placing cumsums of top_n_by_value. The same blocks (tested
+# against top_n on CPU under Triton's interpreter, ties included). CUDA only, for rows of at most
+# TOPN_KERNEL_MAX_BLOCKS selection blocks (elsewhere the torch route, with a warning). Measured on
+# an H100 (torch 2.11, bf16, paper config, Hq = 64, Hkv = 4, D = 128):
+# - 16384 positions x 4 KV heads x 1024 blocks (the last chunk at 64k): 0.60 ms vs 6.69 for
+#   top_n_by_value (eager), the same blocks in every row (also with scores on 8 levels: ties);
+#   2048 blocks (128k): 1.01 vs 11.53 ms.
+# - scoring + top-n alone at 64k (tools/bench_scoring.py, compiled, one process): 9.38 ms vs
+#   17.73 (top-n by value), the same selection in every row.
+# - the operator at 8k, compiled, 1 vs 0: the same blocks and bit-identical output.
+# - the 1b flavor at 32k: 37.9k vs 37.5k tokens/s (within the steps' spread), one H100.
+# The whole operator's fwd+bwd with it was not benchmarked (no device time left); the scoring
+# pass predicts ~8 ms less at 64k. 1.
+TOPN_KERNEL = 1
+# Its limits and launch: the longest row (selection blocks; 4096 is 256k tokens at l' = 64), the
+# row elements a program holds (rows per program = TOPN_KERNEL_TILE // the row's power of two), and
+# warps per program.
+TOPN_KERNEL_MAX_BLOCKS = 4096
+TOPN_KERNEL_TILE = 8192
+TOPN_KERNEL_WARPS = 4
 # > 0: Inductor autotunes FlexAttention kernels (where several configs fit) on fake block counts
 # equal to the index lists' width — for the backward's query lists all T·G/q_block tiles per
 # KV tile, a dense pass per candidate (at 128k one candidate of the compressed backward measured

@@ -1,7 +1,8 @@
 """GPU benchmark of the selection pass alone (scores, eqs. 8–10, and top-n, eqs. 11–12): the
 torch route (matmul + pointwise per chunk of positions) against the fused Triton kernel
 (tuning.SCORE_KERNEL = 1, nsa_flex/score_kernel.py), both followed by the top-n over int64 keys,
-and the kernel followed by the top-n by value (tuning.TOPN_BY_VALUE), compiled as the operator
+the kernel followed by the top-n by value (tuning.TOPN_BY_VALUE) and by the top-n kernel
+(tuning.TOPN_KERNEL, nsa_flex/topn_kernel.py), compiled as the operator
 compiles them, same process, same card, same inputs; median of repeats. Also how often the two select
 the same blocks (the torch route rounds q·k̃ᵀ to bf16, the kernel keeps float32, so near-ties
 may go either way) and, at the first T, both against a float32 torch route.
@@ -83,7 +84,7 @@ def main():
             "command": "python " + " ".join(sys.argv)}
     rows = []
     G = a.hq // a.hkv
-    defaults = tuning.SCORE_KERNEL, tuning.TOPN_BY_VALUE
+    defaults = tuning.SCORE_KERNEL, tuning.TOPN_BY_VALUE, tuning.TOPN_KERNEL
 
     def write():
         with open(a.out, "w") as f:
@@ -105,21 +106,24 @@ def main():
                                 fullgraph=True, dynamic=False)
             row = {"T": T, "Dk": Dk, "Dv": Dv}
             idx = {}
-            for name, flag, by_value in (("torch_route", 0, 0), ("kernel", 1, 0), ("kernel_by_value", 1, 1)):
-                def run(flag=flag, by_value=by_value):
+            for name, flag, by_value, topn in (("torch_route", 0, 0, 0), ("kernel", 1, 0, 0),
+                                               ("kernel_by_value", 1, 1, 0), ("kernel_topn_kernel", 1, 1, 1)):
+                def run(flag=flag, by_value=by_value, topn=topn):
                     tuning.SCORE_KERNEL = flag        # read while tracing; guarded per value
                     tuning.TOPN_BY_VALUE = by_value
+                    tuning.TOPN_KERNEL = topn
                     return sel(qp, kc, lse)
                 idx[name] = run()
                 row[f"{name}_ms"] = bench_ms(run)
                 print(json.dumps({"T": T, name: row[f"{name}_ms"]}), flush=True)
             row["same_selection"] = same_sets(idx["torch_route"], idx["kernel"])
             row["by_value_same_as_kernel"] = same_sets(idx["kernel_by_value"], idx["kernel"])
+            row["topn_kernel_same_as_kernel"] = same_sets(idx["kernel_topn_kernel"], idx["kernel"])
             if T == a.seq[0]:   # against float32 scores (eager torch route on float32 inputs)
-                tuning.SCORE_KERNEL = 0
+                tuning.SCORE_KERNEL = tuning.TOPN_KERNEL = 0
                 want = select_blocks(qp.float(), kc.float(), lse, cfg, scale, G, T)
                 row["same_selection_vs_fp32"] = {n: same_sets(i, want) for n, i in idx.items()}
-            tuning.SCORE_KERNEL, tuning.TOPN_BY_VALUE = defaults
+            tuning.SCORE_KERNEL, tuning.TOPN_BY_VALUE, tuning.TOPN_KERNEL = defaults
             row["speedup"] = row["torch_route_ms"] / row["kernel_ms"]
             if a.sweep:
                 row["sweep"] = sweep(a.sweep, qp, kc, lse, cfg, scale, G, T)
@@ -128,10 +132,12 @@ def main():
             print(json.dumps(row), flush=True)
             del x, qp, kc, lse, idx
             torch.cuda.empty_cache()
-    print(f"{'T':>7} {'Dk':>4} {'torch route ms':>15} {'kernel ms':>10} {'by value ms':>12} {'same sel':>9}")
+    print(f"{'T':>7} {'Dk':>4} {'torch route ms':>15} {'kernel ms':>10} {'by value ms':>12} "
+          f"{'top-n kernel ms':>16} {'same sel':>9} {'top-n kernel same':>18}")
     for r in rows:
         print(f"{r['T']:>7} {r['Dk']:>4} {r['torch_route_ms']:>15.2f} {r['kernel_ms']:>10.2f} "
-              f"{r['kernel_by_value_ms']:>12.2f} {r['same_selection']:>9.4f}")
+              f"{r['kernel_by_value_ms']:>12.2f} {r['kernel_topn_kernel_ms']:>16.2f} "
+              f"{r['same_selection']:>9.4f} {r['topn_kernel_same_as_kernel']:>18.4f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""The top-n kernel (nsa_flex/topn_kernel.py) against selection.top_n, the exact int64-key route
+of eqs. 11–12: on a CUDA machine the kernel itself, elsewhere Triton's interpreter on the CPU (in
+a subprocess: the interpreter is chosen when triton is first imported)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent('''
+    import os
+    import torch
+    from nsa_flex import NSAConfig, tuning
+    from nsa_flex.selection import top_n, top_n_by_value
+    from nsa_flex.topn_kernel import launch
+
+    DEV = os.environ["TOPN_TEST_DEVICE"]
+
+    def case(B, H, P, Ts, t0, lp, n, n_init, n_local, levels, seed):
+        """Scores on ``levels`` distinct values (0: continuous) so that ties are common, some
+        negative (clamped to 0 by the rule), for positions t0 … t0 + P − 1."""
+        cfg = NSAConfig(cmp_block=lp, cmp_stride=lp, sel_block=lp, sel_topn=n, n_init=n_init,
+                        n_local=n_local, window=lp)
+        g = torch.Generator().manual_seed(seed)
+        p = torch.randn(B, H, P, Ts, generator=g)
+        if levels:
+            p = torch.round(p * levels / 3) / levels
+        pos = torch.arange(t0, t0 + P)
+        want = top_n(p, pos, cfg)
+        got = launch(p.to(DEV), t0, lp, n_init, n_local, n).cpu()
+        assert got.dtype == torch.int32 and got.shape == want.shape, (got.shape, want.shape)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), (B, H, P, Ts, t0, lp, n)
+        assert torch.equal(got.sort(-1).values, top_n_by_value(p, pos, cfg).sort(-1).values)
+        return p, got
+
+    case(1, 2, 300, 20, 0, 16, 4, 1, 2, 4, 0)        # ties on a few levels, from position 0
+    case(2, 3, 97, 37, 400, 16, 8, 1, 2, 0, 1)       # a later chunk, continuous scores, B = 2
+    case(1, 1, 64, 5, 0, 16, 8, 1, 2, 2, 2)          # fewer blocks than n: -1 fills
+    case(1, 4, 130, 64, 3000, 64, 16, 0, 0, 3, 3)    # nothing forced
+    case(1, 2, 50, 70, 64 * 40, 64, 16, 2, 3, 1, 4)  # two initial, three local blocks, all ties
+    case(1, 1, 1, 1, 0, 64, 16, 1, 2, 0, 5)          # one position, one block
+    case(1, 2, 257, 300, 1000, 16, 16, 1, 2, 5, 6)            # rows over several programs
+    # a candidate scored −0.0 is a candidate (score 0), in both routes
+    z = torch.tensor([[[[0.5, -0.0, 0.25, -1.0]]]])
+    assert torch.equal(launch(z.to(DEV), 63, 16, 0, 0, 3).cpu().sort(-1).values,
+                       torch.tensor([[[[0, 1, 2]]]], dtype=torch.int32))
+    assert torch.equal(top_n(z, torch.tensor([63]), NSAConfig(cmp_block=16, cmp_stride=16, sel_block=16,
+                       sel_topn=3, n_init=0, n_local=0, window=16)).sort(-1).values,
+                       torch.tensor([[[[0, 1, 2]]]], dtype=torch.int32))
+    # the registered operator that the compiled operator calls; one row a program gives the same
+    p, got = case(1, 1, 40, 37, 200, 16, 8, 1, 2, 3, 7)
+    assert torch.equal(torch.ops.nsa_flex.top_n(p.to(DEV), 200, 16, 1, 2, 8).cpu(), got)
+    tuning.TOPN_KERNEL_TILE = 16
+    assert torch.equal(launch(p.to(DEV), 200, 16, 1, 2, 8).cpu(), got)
+    print("ok")
+''')
+
+
+def test_topn_kernel_matches_the_exact_route():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    if torch.cuda.is_available():
+        env.update(TOPN_TEST_DEVICE="cuda")
+        env.pop("TRITON_INTERPRET", None)
+    else:
+        env.update(TOPN_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_topn_kernel_names_a_row_it_cannot_hold(monkeypatch):
+    from nsa_flex import tuning
+    from nsa_flex.topn_kernel import launch, unfit
+
+    assert unfit(4096) is None
+    assert "TOPN_KERNEL_MAX_BLOCKS = 4096" in unfit(4097) and "4097" in unfit(4097)
+    monkeypatch.setattr(tuning, "TOPN_KERNEL_MAX_BLOCKS", 8)
+    with pytest.raises(ValueError, match="at most tuning.TOPN_KERNEL_MAX_BLOCKS = 8 selection blocks, got 9"):
+        launch(torch.zeros(1, 1, 4, 9), 0, 16, 1, 2, 4)
