@@ -15,6 +15,18 @@ def _masked_softmax_attend(s, mask, v):
     return p @ v, p
 
 
+def reference_top_n(score: list[float], t: int, cfg) -> set[int]:
+    """Eqs. 11–12 for the query at t over its row of block scores: the candidates j·l' ≤ t, the
+    forced ones (the n_init first, the n_local ending at ⌊t/l'⌋) and then the best by score, ties
+    to the lower j, n in all (every candidate where there are fewer)."""
+    lp, n = cfg.sel_block, cfg.sel_topn
+    cur = t // lp
+    cands = [j for j in range(len(score)) if j * lp <= t]
+    forced = [j for j in cands if j < cfg.n_init or cur - cfg.n_local < j <= cur]
+    rest = sorted((j for j in cands if j not in forced), key=lambda j: (-score[j], j))
+    return set(forced + rest[: max(0, n - len(forced))])
+
+
 def reference_nsa(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa=None, v_swa=None):
     """Returns (o [B,T,Hq,Dv] float64, selected: list[list[list[set]]] indexed [b][kv_head][t])."""
     q, k, v, k_cmp, v_cmp, gates = (x.double() for x in (q, k, v, k_cmp, v_cmp, gates))
@@ -24,7 +36,7 @@ def reference_nsa(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa=None, v_swa=None):
     Hkv = k.shape[2]
     G = Hq // Hkv
     Tc = k_cmp.shape[1]
-    l, d, lp, n = cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, cfg.sel_topn
+    l, d, lp = cfg.cmp_block, cfg.cmp_stride, cfg.sel_block
     scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(Dk)
     Ts = (T + lp - 1) // lp
     t_ = torch.arange(T)[:, None]
@@ -52,11 +64,7 @@ def reference_nsa(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa=None, v_swa=None):
             sel_mask = torch.zeros(T, T, dtype=torch.bool)
             sel_t = []
             for t in range(T):
-                cur = t // lp
-                cands = [j for j in range(Ts) if j * lp <= t]
-                forced = [j for j in cands if j < cfg.n_init or cur - cfg.n_local < j <= cur]
-                rest = sorted((j for j in cands if j not in forced), key=lambda j: (-score[t, j].item(), j))
-                chosen = set(forced + rest[: max(0, n - len(forced))])
+                chosen = reference_top_n(score[t].tolist(), t, cfg)
                 sel_t.append(chosen)
                 for j in chosen:
                     sel_mask[t, j * lp: min(T, (j + 1) * lp)] = True

@@ -2,14 +2,11 @@
 on a CUDA machine the kernel itself, elsewhere Triton's interpreter on the CPU (in a subprocess:
 the interpreter is chosen when triton is first imported)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from triton_script import run_triton_script
 
 pytest.importorskip("triton")
 
@@ -76,16 +73,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_fused_scores_match_the_torch_route():
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    if torch.cuda.is_available():
-        env.update(SCORE_TEST_DEVICE="cuda")
-        env.pop("TRITON_INTERPRET", None)
-    else:
-        env.update(SCORE_TEST_DEVICE="cpu", TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    run_triton_script(SCRIPT, "SCORE_TEST_DEVICE")
 
 
 def test_tiles_come_from_the_tuning_knobs(monkeypatch):
