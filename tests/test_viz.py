@@ -5,6 +5,7 @@ hand-made selection; the analysis against the operator's own results; the projec
 recomputes against what the model feeds the operator; checkpoints; inputs; error messages.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,29 @@ def test_cli_debug_writes_index_pngs_and_stats(tmp_path):
     for r in recs:
         assert r["pairs_missed"] == 0 and r["full_tiles_not_full"] == 0
         assert 0 < r["frac_swa"] <= r["frac_union"] <= 1 and 0 < r["frac_slc"] <= r["frac_union"]
+        assert 1 <= r["sel_share_2"] <= 2 and 1 <= r["sel_share_8"] <= 8
+    assert "sel_share_4" in lines[0] and "selections shared" in proc.stdout
+
+
+def test_selection_sharing_counts_distinct_blocks_of_runs():
+    from nsa_flex.viz.analysis import selection_sharing
+
+    same = torch.tensor([[0, 3, 5, -1]] * 8)                 # every position: blocks 0, 3, 5
+    assert selection_sharing(same) == {"sel_share_2": 2.0, "sel_share_4": 4.0, "sel_share_8": 8.0}
+    apart = torch.arange(16).view(8, 2)                       # no block twice
+    assert selection_sharing(apart) == {"sel_share_2": 1.0, "sel_share_4": 1.0, "sel_share_8": 1.0}
+    # positions 0-1 share one of two blocks (3 distinct of 4), 2-3 share none; -1 is no block
+    x = torch.tensor([[0, 1], [1, 2], [4, -1], [5, -1]])
+    assert selection_sharing(x, runs=(2,)) == {"sel_share_2": 6 / 5}
+    assert selection_sharing(x, 1, 3, runs=(2,)) == {"sel_share_2": 3 / 3}   # positions 1-2
+    assert math.isnan(selection_sharing(x, runs=(8,))["sel_share_8"])      # no whole run of 8
+    # brute force on random selections: runs' blocks one by one over their distinct blocks
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(-1, 12, (37, 5), generator=g)
+    got = selection_sharing(r, 3, 37, runs=(4,))["sel_share_4"]
+    runs = [r[a:a + 4] for a in range(3, 3 + (34 // 4) * 4, 4)]
+    want = sum(int((u >= 0).sum()) for u in runs) / sum(len(set(u[u >= 0].tolist())) for u in runs)
+    assert abs(got - want) < 1e-12
 
 
 def test_long_input_is_cropped_and_pooled_and_says_so(tmp_path):

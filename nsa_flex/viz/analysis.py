@@ -343,6 +343,30 @@ def tile_images(tw: TileWork, m0: int, m1: int, max_px: int):
     return p, st, waste
 
 
+SHARE_RUNS = (2, 4, 8)
+
+
+def selection_sharing(idx: torch.Tensor, t0: int = 0, t1: int | None = None,
+                      runs: tuple[int, ...] = SHARE_RUNS) -> dict:
+    """How much consecutive positions' selections overlap, for positions t0..t1−1 of one KV head
+    (idx [T, n] block numbers, −1 unused): for runs of P positions (aligned to t0; a last partial
+    run is left out), ``sel_share_P`` = the blocks the P positions select one by one / the distinct
+    blocks of the run. 1 where no two select the same block, P where all select the same ones. It
+    is the factor by which a query tile of P positions (the group's heads each) would read fewer
+    K/V blocks than P one-position tiles; the selected branch now runs one-position tiles."""
+    x = idx[t0:t1]
+    out = {}
+    for P in runs:
+        m = x.shape[0] // P * P
+        if m == 0:
+            out[f"sel_share_{P}"] = float("nan")
+            continue
+        r = x[:m].reshape(m // P, P * x.shape[1]).sort(-1).values
+        distinct = (r[:, :1] >= 0).sum() + ((r[:, 1:] != r[:, :-1]) & (r[:, 1:] >= 0)).sum()
+        out[f"sel_share_{P}"] = (r >= 0).sum().item() / max(1, distinct.item())
+    return out
+
+
 def sparsity(counts: dict[str, torch.Tensor], t0: int = 0, t1: int | None = None) -> dict:
     """Fractions of the causal (query, key) pairs of positions t0..t1−1 each branch attends.
 

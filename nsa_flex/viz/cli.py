@@ -16,7 +16,7 @@ import torch
 
 from . import figures, report
 from .analysis import (analyse_head, branch_images, head_inputs, pooling_for, score_images,
-                       sparsity, tile_images)
+                       selection_sharing, sparsity, tile_images)
 from .model_io import (VizError, attention_tensors, build_model, capture_attention_inputs,
                        checkpoint_model_keys, make_input, model_args, parse_overrides, read_config,
                        resolve_checkpoint)
@@ -281,7 +281,7 @@ def run(argv: list[str] | None = None) -> dict:
                 gm = hi.gates[a0:a1].mean(dim=(0, 1)).tolist()
                 rec = dict(layer=li, kv_head=h, scope=scope, q_lo=a0, q_hi=a1 - 1, positions=a1 - a0,
                            **sparsity(an.counts, a0, a1), gate_cmp=gm[0], gate_slc=gm[1],
-                           gate_swa=gm[2], **tot)
+                           gate_swa=gm[2], **tot, **selection_sharing(an.idx, a0, a1))
                 records.append(rec)
                 if rec["pairs_missed"] or rec["full_tiles_not_full"]:
                     msg = (f"layer {li} KV head {h}: the selected BlockMask misses {rec['pairs_missed']} "
@@ -291,7 +291,8 @@ def run(argv: list[str] | None = None) -> dict:
             seq_rec = records[-len(scopes)]
             _log(t_start, f"layer {li} KV head {h}: selected {seq_rec['frac_slc']:.3f}, sliding "
                           f"{seq_rec['frac_swa']:.3f}, union {seq_rec['frac_union']:.3f} of causal keys; "
-                          f"tiles wasted {100 * seq_rec['wasted_frac']:.1f}% "
+                          f"tiles wasted {100 * seq_rec['wasted_frac']:.1f}%, selections shared "
+                          f"x{seq_rec['sel_share_4']:.2f} by 4 positions "
                           f"({time.perf_counter() - t0:.2f}s)")
         del tens
     del captured, model

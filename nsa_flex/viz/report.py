@@ -12,7 +12,7 @@ STAT_FIELDS = [
     "frac_cmp_keys", "frac_cmp_tokens", "frac_slc", "frac_swa", "frac_union",
     "gate_cmp", "gate_slc", "gate_swa",
     "tiles_full", "tiles_partial", "tiles_skipped", "pairs_computed", "pairs_needed",
-    "wasted_frac", "pairs_missed", "full_tiles_not_full",
+    "wasted_frac", "pairs_missed", "full_tiles_not_full", "sel_share_2", "sel_share_4", "sel_share_8",
 ]
 
 FIELD_HELP = {
@@ -31,6 +31,10 @@ FIELD_HELP = {
     "pairs_needed": "(row, key) pairs the selection really attends (rows = positions x group heads)",
     "wasted_frac": "(computed − needed) / computed",
     "pairs_missed, full_tiles_not_full": "consistency checks of the BlockMask: both must be 0",
+    "sel_share_2, sel_share_4, sel_share_8": "blocks selected by runs of 2, 4, 8 consecutive positions "
+                                             "counted one by one / the run's distinct blocks: 1 = no "
+                                             "overlap, P = the same blocks (what a P-position query "
+                                             "tile would save in K/V reads)",
 }
 
 
