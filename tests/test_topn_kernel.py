@@ -3,6 +3,7 @@ reference.py) and selection.top_n, the route it replaces: on a CUDA machine the 
 elsewhere Triton's interpreter on the CPU (tests/triton_script.py)."""
 
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -82,3 +83,19 @@ def test_topn_kernel_names_a_row_it_cannot_hold(monkeypatch):
     monkeypatch.setattr(tuning, "TOPN_KERNEL_MAX_BLOCKS", 8)
     with pytest.raises(ValueError, match="at most tuning.TOPN_KERNEL_MAX_BLOCKS = 8 selection blocks, got 9"):
         launch(torch.zeros(1, 1, 4, 9), 0, 16, 1, 2, 4)
+
+
+def test_a_sequence_too_long_for_the_kernel_is_named_once(monkeypatch):
+    from nsa_flex import NSAConfig, tuning
+    from nsa_flex.operator import _warn_unfit_topn_kernel
+
+    cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, window=512)
+    monkeypatch.setattr(tuning, "TOPN_KERNEL_MAX_BLOCKS", 8)
+    _warn_unfit_topn_kernel.cache_clear()
+    with pytest.warns(UserWarning, match=r"got 9: this sequence's top-n takes the torch route"):
+        _warn_unfit_topn_kernel(cfg, 9 * 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unfit_topn_kernel(cfg, 9 * 64)   # once per shape
+        _warn_unfit_topn_kernel(cfg, 8 * 64)   # fits: nothing to say
+    _warn_unfit_topn_kernel.cache_clear()
