@@ -136,7 +136,7 @@ def prepare_flash(device, qk_dim: int | None = None, v_dim: int | None = None) -
             _warn_flash_off("flash-attn-4 is not installed"
                             if torch.cuda.get_device_capability(device)[0] in (9, 10, 11)
                             else "this card's compute capability is outside 9.x-11.x")
-        elif qk_dim is not None and not tuning.flash_fits(qk_dim, v_dim or qk_dim):
+        elif qk_dim is not None and not tuning.flash_fits(qk_dim, v_dim):
             _warn_flash_off(f"the head dims Dk={qk_dim}, Dv={v_dim or qk_dim} are above "
                             f"tuning.FLASH_MAX_HEAD_DIM={tuning.FLASH_MAX_HEAD_DIM}")
     if tuning.flash_on("cmp") or tuning.flash_on("forced"):

@@ -308,7 +308,7 @@ def kernel_options(branch: str, dtype: torch.dtype, qk_dim: int, kv_block: int,
     """
     opts: dict = {}
     rows = q_block or Q_BLOCK
-    if flash_on(branch) and dtype != torch.float32 and flash_fits(qk_dim, v_dim or qk_dim):
+    if flash_on(branch) and dtype != torch.float32 and flash_fits(qk_dim, v_dim):
         return {"BACKEND": "FLASH", **KERNEL_OPTIONS.get(branch, {})}
     if dtype == torch.float32:
         opts.update(fwd_BLOCK_M=32, fwd_BLOCK_N=32, fwd_num_stages=2, fwd_num_warps=4)
@@ -364,9 +364,10 @@ def flash_on(branch: str) -> bool:
     return flash_available() if value is None else bool(value)
 
 
-def flash_fits(qk_dim: int, v_dim: int) -> bool:
-    """Whether a branch's head dims are ones the FLASH backend runs (FLASH_MAX_HEAD_DIM)."""
-    return max(qk_dim, v_dim) <= FLASH_MAX_HEAD_DIM
+def flash_fits(qk_dim: int, v_dim: int | None = None) -> bool:
+    """Whether a branch's head dims (v_dim None: qk_dim) are ones the FLASH backend runs
+    (FLASH_MAX_HEAD_DIM)."""
+    return max(qk_dim, v_dim or qk_dim) <= FLASH_MAX_HEAD_DIM
 
 
 def flash_problem(qk_dim: int | None = None, v_dim: int | None = None,
@@ -376,7 +377,7 @@ def flash_problem(qk_dim: int | None = None, v_dim: int | None = None,
     within FLASH_MAX_HEAD_DIM (where given), and any branch under FLASH 128x128 tiles. Called by
     the operator before compute."""
     forced = sorted(b for b, v in FLASH.items() if v)
-    if forced and qk_dim is not None and not flash_fits(qk_dim, v_dim or qk_dim):
+    if forced and qk_dim is not None and not flash_fits(qk_dim, v_dim):
         return (f"tuning.FLASH is 1 for {forced} but the head dims are Dk={qk_dim}, "
                 f"Dv={v_dim or qk_dim}: flash-attn-4's block-sparse backward runs the branches' "
                 f"128-key blocks only up to {FLASH_MAX_HEAD_DIM} (FLASH_MAX_HEAD_DIM); set FLASH "
