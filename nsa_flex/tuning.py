@@ -25,7 +25,8 @@ SWA_KV_BLOCK: int | None = None
 # 128 rows 431 ms, 64 rows (with SEL_NARROW_LISTS) 328 ms, 32 rows 269 ms, 16 rows 256 ms
 # (+2 GiB peak over 32: the backward's query lists are [Nkv, T·G/16] int32). 16 (one position
 # at G = 16) passed the GPU gradient check at T = 4096, Dk = 192; 32 did not finish it (its fp32
-# backward autotunes 16x16 tiles at ~0.25-1 s a run).
+# backward autotunes 16x16 tiles at ~0.25-1 s a run). With today's backward (dQ in 64-key steps,
+# 2 forward warps), 32 rows at 8k: 15.61 vs 12.04 ms fwd+bwd (forward 5.25 vs 3.51), H100, same run.
 SEL_Q_BLOCK: int | None = 16
 # Query splits per branch (backends.attend): consecutive query rows run as separate batch
 # entries so that FlexAttention's dK/dV loop over the queries of one KV tile runs in parallel.
@@ -39,6 +40,8 @@ SEL_Q_BLOCK: int | None = 16
 # tile (every position selects that block). Measured on an H100 at 64k (paper config, D=128):
 # 225.1 ms fwd+bwd (cuDNN 441.5 in the same process) vs 240.9 with 1 (an earlier call, cuDNN
 # 445.0 there); +1.0 GiB peak. GPU gradient check passed (T=2048, Hq=32, Hkv=2, D=64).
+# At 8k (--variants, one process each, H100): 12.04 ms with 8, 11.84 with 16 (+132 MiB), 12.14
+# with 4 (cuDNN 8.31-8.46 alongside): within noise, 8 stays.
 Q_SPLITS: dict[str, int] = {"cmp": 8, "slc": 8, "swa": 1, "forced": 8}
 # 1: at batch 1, a branch's query split (Q_SPLITS) is a strided view of the packed queries
 # (heads outermost) instead of a concatenated copy, and its output (FlexAttention lays it out
@@ -173,8 +176,10 @@ SCORE_TILES_WIDE: dict[str, int] = {"rows": 64, "blocks": 64, "warps": 4, "stage
 #   17.73 (top-n by value), the same selection in every row.
 # - the operator at 8k, compiled, 1 vs 0: the same blocks and bit-identical output.
 # - the 1b flavor at 32k: 37.9k vs 37.5k tokens/s (within the steps' spread), one H100.
-# The whole operator's fwd+bwd with it was not benchmarked (no device time left); the scoring
-# pass predicts ~8 ms less at 64k. 1.
+# - the operator (tools/bench.py --variants "" "TOPN_KERNEL=0", one process each, cuDNN alongside,
+#   one H100): 64k 142.72 vs 149.23 ms fwd+bwd (forward 45.04 vs 52.37; predicted ~8 ms less), the
+#   same peak (10965 MiB); 8k 11.76 vs 11.82. GPU gradient check (T = 4096, Dk = 192) with it:
+#   fp32 1.8e-6, bf16 3.8e-3, 0 recompiles. 1.
 TOPN_KERNEL = 1
 # Its limits and launch: the longest row (selection blocks; 4096 is 256k tokens at l' = 64), the
 # row elements a program holds (rows per program = TOPN_KERNEL_TILE // the row's power of two), and
@@ -235,6 +240,9 @@ TMA: dict[str, int] = {"cmp": 0, "slc": 1, "swa": 0, "forced": 0}
 # - tools/check_gpu.py at T = 4096, Dk = Dv = 128, FLASH["cmp"] = 1: bf16 within 3.8e-3 of the fp32
 #   dense path (98.4% the same selection), no NaN, 0 recompiles.
 # - the 1b flavor at 32k (head dim 64): 38.0k vs 37.7k tokens/s (llama3 30.7k), one H100.
+# - with the top-n kernel (--variants, one H100): 64k 128.45 vs 141.08 ms, peak 11716 vs 10965 MiB
+#   (cuDNN 11616). Not the fp32 dQ buffer alone: the branch as two sequential calls over halves of
+#   the query rows (each its own flash-attn-4 backward) took 126.78 ms and peaked higher, 11989 MiB.
 # - at Dk = 192 its backward stops ("Block sparsity expects sparse_block_size[1]=96"), see
 #   FLASH_MAX_HEAD_DIM.
 FLASH: dict[str, int | None] = {"cmp": 0, "swa": 0, "forced": 0}
