@@ -1,5 +1,6 @@
 """The compression φ (eq. 7) against a plain per-block loop, and the operator's import weight."""
 
+import copy
 import subprocess
 import sys
 
@@ -18,11 +19,12 @@ def test_compression_matches_per_block_loop(T, l, d):
     y = phi(x)
     Tc = NSAConfig(cmp_block=l, cmp_stride=d, sel_block=max(l, 16)).num_cmp_blocks(T)
     assert y.shape == (2, Tc, 3, 6)
+    ref = copy.deepcopy(phi).double()      # the loop in float64: only φ's float32 rounding differs
     for i in range(Tc):
         for h in range(3):
-            block = x[:, i * d:i * d + l, h] + phi.pos_emb            # [2, l, 6]
-            want = phi.fc2(phi.act(phi.fc1(block.flatten(1))))
-            torch.testing.assert_close(y[:, i, h], want, rtol=1e-5, atol=1e-6)
+            block = x[:, i * d:i * d + l, h].double() + ref.pos_emb    # [2, l, 6]
+            want = ref.fc2(ref.act(ref.fc1(block.flatten(1))))
+            torch.testing.assert_close(y[:, i, h].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_position_embedding_and_weights_get_gradients():
