@@ -31,12 +31,12 @@ def unpack_gqa(x: torch.Tensor, seq_len: int) -> torch.Tensor:
     return x.view(B, Hkv, seq_len, G, D).permute(0, 2, 1, 3, 4).reshape(B, seq_len, Hkv * G, D)
 
 
-def split_rows(x: torch.Tensor, splits: int, view: bool = False) -> torch.Tensor:
+def split_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
     """[B, H, S·L, ...] -> [S·B, H, L, ...]: consecutive query rows become batch entries, chunk-
     major (entry s·B + b is chunk s of batch b; at B = 1 FlexAttention can then broadcast k/v).
-    A concatenation (a new buffer); with ``view`` and B = 1, a strided view of ``x`` instead
-    (strides (L·…, S·L·…, …): the heads outermost), no copy."""
-    if view and x.shape[0] == 1:
+    At B = 1 a strided view of ``x`` (strides (L·…, S·L·…, …): the heads outermost), no copy;
+    else a concatenation (a new buffer)."""
+    if x.shape[0] == 1:
         H, SL = x.shape[1:3]
         return x.view(H, splits, SL // splits, *x.shape[3:]).transpose(0, 1)
     return torch.cat(x.chunk(splits, dim=2), dim=0)
@@ -44,7 +44,7 @@ def split_rows(x: torch.Tensor, splits: int, view: bool = False) -> torch.Tensor
 
 def merge_rows(x: torch.Tensor, splits: int) -> torch.Tensor:
     """Inverse of :func:`split_rows`. At B = 1 by a reshape: no copy where ``x`` has the heads
-    outermost (as split_rows(..., view=True) gives, and FlexAttention's outputs of such a query,
+    outermost (as split_rows gives at B = 1, and FlexAttention's outputs of such a query,
     whose strides follow the query's)."""
     SB, H, L = x.shape[:3]
     if SB == splits:

@@ -1,6 +1,7 @@
 """Sliding-window mask of NSA's sliding branch (pinned: w tokens including the query).
 
-Query at position t sees keys s with t − w < s ≤ t. For w = 3:
+Query at position t sees keys s with t − w < s ≤ t (and, with documents, s in its own document:
+start[t] ≤ s). For w = 3:
 
     q\\kv 0 1 2 3 4 5
      0    # . . . . .
@@ -14,12 +15,19 @@ Query at position t sees keys s with t − w < s ≤ t. For w = 3:
 from __future__ import annotations
 
 
-def sliding_window_mask(window: int, group: int = 1):
+def sliding_window_mask(window: int, group: int = 1, doc_start=None):
+    """``doc_start`` [B, T] (masks.document.document_starts), or None for one document."""
     def sliding_window(b, h, q_idx, kv_idx):
         t = q_idx // group
         return (kv_idx <= t) & (kv_idx > t - window)
 
-    return sliding_window
+    if doc_start is None:
+        return sliding_window
+
+    def sliding_window_in_document(b, h, q_idx, kv_idx):
+        return sliding_window(b, h, q_idx, kv_idx) & (kv_idx >= doc_start[b, q_idx // group])
+
+    return sliding_window_in_document
 
 
 def sliding_window_tiles(window: int, q_lo, q_hi, k_lo, k_hi):

@@ -8,6 +8,9 @@ exist, so T tokens give Tc = max(0, ⌊(T − l)/d⌋ + 1) of them.
     block 0  [---- l ----]
     block 1      [---- l ----]          (stride d)
     block 2          [---- l ----]
+
+With packed documents each document has its own grid from its first token; its blocks go to
+slots laid out by position (masks/document.py), T // d slots in all, empty ones 0.
 """
 
 from __future__ import annotations
@@ -50,14 +53,34 @@ class Compression(nn.Module):
         nn.init.zeros_(self.fc1.bias)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, block_ends: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H, D] -> [B, Tc, H, D_out]; with documents, ``block_ends`` [B, T // d]
+        (masks.document.compressed_block_ends: each slot's last token, −1 for none) ->
+        [B, T // d, H, D_out], each slot φ of its block's l tokens, 0 where it holds none."""
         B, T, H, D = x.shape
         if D != self.dim:
             raise ValueError(f"Compression expects head dim {self.dim}, got {D} (input shape {tuple(x.shape)})")
+        if block_ends is not None:
+            return self._documents(x, block_ends)
         tc = num_cmp_blocks(T, self.block, self.stride)
         if tc == 0:
             return x.new_zeros(B, 0, H, self.out_dim)
         # [B, T, H, D] -> [B, H, D, T] -> unfold over T: [B, H, D, Tc, l] -> [B, Tc, H, l, D]
         blocks = x.permute(0, 2, 3, 1).unfold(-1, self.block, self.stride)
-        blocks = blocks.permute(0, 3, 1, 4, 2) + self.pos_emb
-        return self.fc2(self.act(self.fc1(blocks.flatten(-2))))
+        return self._phi(blocks.permute(0, 3, 1, 4, 2))
+
+    def _phi(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[..., l, D] -> [..., D_out]: the MLP over a block plus the position embedding."""
+        return self.fc2(self.act(self.fc1((blocks + self.pos_emb).flatten(-2))))
+
+    def _documents(self, x: torch.Tensor, block_ends: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = x.shape
+        if block_ends.shape != (B, T // self.stride):
+            raise ValueError(f"block_ends has shape {tuple(block_ends.shape)}, expected "
+                             f"{(B, T // self.stride)} (one slot per stride of {self.stride} tokens)")
+        used = block_ends >= 0                                           # [B, S]
+        first = torch.where(used, block_ends - (self.block - 1), 0)
+        pos = (first[..., None] + torch.arange(self.block, device=x.device)).clamp(max=T - 1)
+        blocks = x[torch.arange(B, device=x.device)[:, None, None], pos]  # [B, S, l, H, D]
+        out = self._phi(blocks.transpose(2, 3))                          # [B, S, H, D_out]
+        return torch.where(used[..., None, None], out, 0.0)

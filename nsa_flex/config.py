@@ -1,23 +1,31 @@
-"""NSAConfig: the hyper-parameters of NSA §3.3 (see NSA_SPEC.md), checked when constructed."""
+"""NSAConfig: the hyper-parameters of NSA §3.3 (docs/spec.md), checked when constructed.
+
+The one declaration of NSA's fields: the model's arguments hold an NSAConfig and the ``[nsa]``
+TOML section is made from these fields (nsa_flex/job_config.py), each with its help text.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .compression import num_cmp_blocks
 
 
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class NSAConfig:
-    cmp_block: int = 32      # l   compression block length
-    cmp_stride: int = 16     # d   compression stride (divides l and l')
-    sel_block: int = 64      # l'  selection block length (l <= l')
-    sel_topn: int = 16       # n   selected blocks per query, forced ones included
-    n_init: int = 1          # forced initial blocks
-    n_local: int = 2         # forced local blocks (the current one and those before it)
-    window: int = 512        # w   sliding window, the query included
-    scale: float | None = None  # softmax scale of all three branches; None = 1/sqrt(Dk)
+    cmp_block: int = _opt(32, "l: compression block length")
+    cmp_stride: int = _opt(16, "d: compression stride (divides l and l')")
+    sel_block: int = _opt(64, "l': selection block length (l <= l')")
+    sel_topn: int = _opt(16, "n: selected blocks per query, forced ones included")
+    n_init: int = _opt(1, "forced initial selection blocks")
+    n_local: int = _opt(2, "forced local selection blocks (the current one and those before it)")
+    window: int = _opt(512, "w: sliding window, the query included")
+    scale: float | None = _opt(None, "softmax scale of all three branches; None: 1/sqrt(Dk)")
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -26,11 +34,13 @@ class NSAConfig:
 
         for name in ("cmp_block", "cmp_stride", "sel_block", "sel_topn"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name}={value!r} must be a positive integer")
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name}={value!r} must be a positive integer")
         for name in ("n_init", "n_local"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 0, f"{name}={value!r} must be an integer >= 0")
-        need(isinstance(self.window, int) and self.window >= 1,
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name}={value!r} must be an integer >= 0")
+        need(isinstance(self.window, int) and not isinstance(self.window, bool) and self.window >= 1,
              f"window={self.window!r} must be an integer >= 1 (the sliding window counts the query itself)")
         d, l, lp = self.cmp_stride, self.cmp_block, self.sel_block
         need(l % d == 0, f"cmp_stride d={d} must divide cmp_block l={l}; pick d among the divisors of {l}")

@@ -1,9 +1,10 @@
-"""The gated sum of the branches (NSA eq. 5), o_t = Σ_c g_t^c · o_t^c, in float32.
+"""The gated sum of the branches (NSA eq. 5), o_t = Σ_c g_t^c · o_t^c, in float32 (float64 for
+float64 inputs).
 
 Each branch's output o^c arrives packed ([B, Hkv, T·G, Dv], masks/packing.py); the sum is
 unpacked to [B, T, Hq, Dv] and cast to the query's dtype.
 
-Memory (tuning.GATE_GRADS_APART): the backward of the plain expression is one fused kernel that
+Memory (the flex backend sets the compressed branch apart): the backward of the plain expression is one fused kernel that
 writes every branch's output gradient g^c · do at once (1 GiB each at 64k with Hq = 64, bf16),
 all alive while the first branch's FlexAttention backward runs. For a branch set apart, its term
 enters the sum without autograd (the value is the plain sum, same rounding), and a node whose
@@ -11,9 +12,9 @@ forward adds nothing (zeros) is added right after the branch (:meth:`GatedSum.ad
 backward writes that branch's packed gradient through an opaque op (:func:`gated_grad`), which
 Inductor cannot merge with the others'. The autograd engine runs the most recent ready node
 first, so that gradient is computed after the later branches' backward, just before its own
-branch's. On for the compressed branch alone by default: at 64k that lowers the peak by 1 GiB at
-no measurable cost, while the other two branches' FlexAttention backward kernels run slower
-with their gradient from the op (see tuning for the measurements).
+branch's. For the compressed branch alone: at 64k that lowers the peak by 1 GiB at no measurable
+cost, while the other two branches' FlexAttention backward kernels ran slower with their
+gradient from the op (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -22,15 +23,14 @@ import torch
 
 from masks import pack_gqa, unpack_gqa
 
-from . import tuning
-
 
 def _gated_grad_torch(do, g, o):
     """The torch route of :func:`gated_grad` (CPU, and the reference of the kernel's test)."""
     B, T, Hq, Dv = do.shape
     Hkv = o.shape[1]
-    d_o = pack_gqa((do.float() * g[..., None]).to(do.dtype), Hkv)
-    d_g = (do.float() * unpack_gqa(o, T).float()).sum(-1)
+    ctype = g.dtype
+    d_o = pack_gqa((do.to(ctype) * g[..., None]).to(do.dtype), Hkv)
+    d_g = (do.to(ctype) * unpack_gqa(o, T).to(ctype)).sum(-1)
     return d_o, d_g
 
 
@@ -72,22 +72,21 @@ class _GradOnly(torch.autograd.Function):
         return d_o, d_g, None
 
 
-BRANCHES = ("cmp", "slc", "swa")    # gate index c -> tuning.GATE_GRADS_APART's key
-
-
 class GatedSum:
     """Σ_c g^c · unpack(o^c) in float32, cast to ``dtype``. ``gates`` [B, T, Hq, C]; add the
-    branches in order, each right after it is computed; :meth:`result` gives the sum."""
+    branches in order, each right after it is computed; :meth:`result` gives the sum. The
+    gradients of the branches in ``apart`` (gate indices) come from their own nodes."""
 
-    def __init__(self, gates: torch.Tensor, seq_len: int, dtype: torch.dtype):
-        self.g = gates.float()
-        self.seq_len, self.dtype = seq_len, dtype
+    def __init__(self, gates: torch.Tensor, seq_len: int, dtype: torch.dtype,
+                 apart: tuple[int, ...] = ()):
+        self.g = gates.to(torch.promote_types(gates.dtype, torch.float32))
+        self.seq_len, self.dtype, self.apart = seq_len, dtype, apart
         self.terms: list[tuple[torch.Tensor, int, bool]] = []
         self.grad_nodes: list[torch.Tensor] = []
 
     def add(self, o: torch.Tensor, c: int) -> None:
         """Branch c's packed output o [B, Hkv, T·G, Dv]."""
-        apart = bool(tuning.GATE_GRADS_APART.get(BRANCHES[c], 0)) and torch.is_grad_enabled()
+        apart = c in self.apart and torch.is_grad_enabled()
         self.terms.append((o, c, apart))
         if apart:
             self.grad_nodes.append(_GradOnly.apply(o, self.g[..., c], self.seq_len))
@@ -98,7 +97,7 @@ class GatedSum:
             g = self.g[..., c:c + 1]
             if apart:   # its gradient comes from its node in grad_nodes
                 out, g = out.detach(), g.detach()
-            term = g * unpack_gqa(out, self.seq_len).float()
+            term = g * unpack_gqa(out, self.seq_len).to(g.dtype)
             o = term if o is None else o + term
         o = o.to(self.dtype)
         for z in self.grad_nodes:

@@ -1,41 +1,218 @@
-"""The NSA attention operator (NSA §3.3, eqs. 5–12), as pinned by NSA_SPEC.md.
+"""The NSA attention operator (NSA §3.3, eqs. 5–12), as docs/spec.md pins it.
 
     o_t = g_cmp·Attn(q_t, K̃cmp, Ṽcmp)      compressed branch   (eq. 7)
         + g_slc·Attn(q_t, K̃slc, Ṽslc)      selected branch     (eqs. 8–12)
         + g_swa·Attn(q_t, K̃win, Ṽwin)      sliding branch
                                             gated sum           (eq. 5)
 
-Every branch is attention under a mask (masks/): compressed-block visibility, the selected
-blocks of the query's KV-head group (rebuilt from the compressed scores on every call), and the
-sliding window. Queries use the packed-GQA layout (masks/packing.py). On CUDA the whole function
-runs under torch.compile and each branch is a FlexAttention kernel; on CPU each branch is a dense
-masked softmax built from the same mask_mods (flex_attention has no CPU backward).
+Every branch is attention under a mask (masks/): compressed-block visibility, the selected blocks
+of the query's KV-head group (rebuilt from the compressed scores on every call), and the sliding
+window; with packed documents each also stays inside the query's document. Queries use the
+packed-GQA layout (masks/packing.py). How each branch runs (FlexAttention compiled by Inductor,
+or a dense masked softmax) is the KernelConfig's choice (kernels.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import warnings
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from masks import (causal_mask, compressed_mask, compressed_tiles, forced_blocks_mask,
-                   forced_blocks_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
-                   selected_tiles, selection_table, sliding_window_mask, sliding_window_tiles,
-                   tile_keys, tile_positions, without_forced)
+from masks import (causal_mask, compressed_block_ends, compressed_document_mask,
+                   compressed_document_tiles, compressed_mask, compressed_tiles, document_starts,
+                   document_tiles, heads_first, pack_gqa, selected_block_mask, selected_mask,
+                   selection_table, sliding_window_mask, sliding_window_tiles, tile_keys,
+                   tile_positions)
 
-from . import tuning
-from .backends import (attend, measure_flash_lse_scale, merge_by_lse, split_mask_mod,
+from . import patches
+from .backends import (contiguous_copies, dense_in_chunks, flex_attend, split_mask_mod,
                        tiled_block_mask)
 from .config import NSAConfig
 from .gating import GatedSum
+from .kernels import (MIN_FLEX_HEAD_DIM, FlexTiles, KernelConfig, check_head_dims,
+                      choose_kernel)
 from .selection import select_blocks
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_inputs(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa, v_swa):
+class Documents(NamedTuple):
+    """Packed documents, from ``doc_ids`` [B, T] (masks/document.py)."""
+
+    start: torch.Tensor        # [B, T] int32: each position's document start
+    cmp_ends: torch.Tensor     # [B, T // d] int32: each compressed slot's last token, −1: none
+
+    @staticmethod
+    def of(doc_ids: torch.Tensor, cfg: NSAConfig) -> "Documents":
+        # through one opaque copy: the mask_mods capture these, and FlexAttention's lowering
+        # needs its captured buffers laid out (computed inside a checkpointed compiled model they
+        # were not: "convert FlexibleLayout to FixedLayout first", H200, torch 2.11)
+        start, ends = contiguous_copies([document_starts(doc_ids),
+                                         compressed_block_ends(doc_ids, cfg.cmp_block, cfg.cmp_stride)])
+        return Documents(start, ends)
+
+
+def num_cmp_slots(cfg: NSAConfig, seq_len: int, documents: bool) -> int:
+    """k_cmp's length: Tc complete blocks, or T // d slots with documents."""
+    return seq_len // cfg.cmp_stride if documents else cfg.num_cmp_blocks(seq_len)
+
+
+# -- the three branches ---------------------------------------------------------------------
+
+def _attend(q, k, v, mask_mod, block_mask, scale, kernel: KernelConfig, tiles: FlexTiles | None,
+            need_lse: bool):
+    """One branch: FlexAttention over ``block_mask(S)`` (flex) or the dense masked softmax of
+    ``mask_mod``. Returns (out, lse or None)."""
+    if kernel.backend == "dense":
+        out, lse = dense_in_chunks(q, k, v, mask_mod, scale, need_lse, kernel.dense_chunk_elems)
+        return out, (lse if need_lse else None)
+    return flex_attend(q, k, v, block_mask, scale, tiles, need_lse)
+
+
+def _static_block_mask(tiles_of, mask_mod, B, Lq, Lk, tiles: FlexTiles, group: int, docs, device):
+    """BlockMask builder of a branch whose mask depends on positions (and documents) only.
+    ``tiles_of(q_lo, q_hi, k_lo, k_hi, q_start_lo, q_start_hi)`` classifies its tiles."""
+    def build(S):
+        q_lo, q_hi = tile_positions(Lq, tiles.q_block, group, device)
+        k_lo, k_hi = tile_keys(Lk, tiles.kv_block, device)
+        starts = (None, None) if docs is None else (docs.start[:, q_lo], docs.start[:, q_hi])
+        any_, all_ = tiles_of(q_lo, q_hi, k_lo, k_hi, *starts)
+        return tiled_block_mask(any_, all_, mask_mod, B, Lq, Lk, tiles.q_block, tiles.kv_block, S)
+    return build
+
+
+def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float,
+                      kernel: KernelConfig, docs: Documents | None = None):
+    """Eq. 7: attention over the compressed keys whose block lies wholly in the past (and in the
+    query's document). qp [B, Hkv, T·G, Dk]; k_cmp/v_cmp [B, Tc, Hkv, D]. Returns (o, lse);
+    a query that sees no block gets o = 0, lse = −inf (pinned)."""
+    B, H, TG, _ = qp.shape
+    Tc, Dv = k_cmp.shape[1], v_cmp.shape[-1]
+    if Tc == 0:
+        return qp.new_zeros(B, H, TG, Dv), qp.new_full((B, H, TG), float("-inf"), dtype=torch.float32)
+    l, d = cfg.cmp_block, cfg.cmp_stride
+    if docs is None:
+        mask_mod = compressed_mask(l, d, group)
+
+        def tiles_of(q_lo, q_hi, k_lo, k_hi, *_):
+            return compressed_tiles(l, d, q_lo, q_hi, k_lo, k_hi)
+    else:
+        mask_mod = compressed_document_mask(docs.cmp_ends, docs.start, group)
+
+        def tiles_of(q_lo, q_hi, k_lo, k_hi, s_lo, s_hi):
+            return compressed_document_tiles(docs.cmp_ends, q_lo, q_hi, s_lo, s_hi, kernel.cmp.kv_block)
+    bm = _static_block_mask(tiles_of, mask_mod, B, TG, Tc, kernel.cmp, group, docs, qp.device)
+    return _attend(qp, heads_first(k_cmp), heads_first(v_cmp), mask_mod, bm, scale, kernel,
+                   kernel.cmp, need_lse=True)
+
+
+def selected_mask_mod(idx, cfg: NSAConfig, group: int, kernel: KernelConfig, docs=None):
+    """The selected branch's mask_mod. Causality alone where FlexAttention's lists name exactly
+    the selected blocks' tiles for one position per query tile (blocks aligned to the KV tiles,
+    no documents): no [B, Hkv, T, Ts] selection table is built. Else the table's mask."""
+    tiles = kernel.slc
+    if (kernel.backend == "flex" and docs is None and cfg.sel_block % tiles.kv_block == 0
+            and group % tiles.q_block == 0):
+        return causal_mask(group)
+    table = selection_table(idx, cfg.num_sel_blocks(idx.shape[2]))
+    if kernel.backend == "flex":   # a captured buffer with a fixed layout (see Documents.of)
+        table = contiguous_copies([table])[0]
+    return selected_mask(table, cfg.sel_block, group, None if docs is None else docs.start)
+
+
+def selected_block_mask_of(idx, mask_mod, cfg: NSAConfig, group: int, tiles: FlexTiles, docs=None,
+                           full_width: bool = False):
+    """The selected branch's BlockMask builder (S query chunks -> BlockMask); idx [B, Hkv, T, n]."""
+    B = idx.shape[0]
+
+    def build(S):
+        mm = mask_mod if S == 1 else split_mask_mod(mask_mod, S, idx.shape[2] * group // S, B)
+        return selected_block_mask(idx, cfg.sel_block, group, tiles.q_block, tiles.kv_block, mm,
+                                   None if docs is None else docs.start, full_width, S)
+    return build
+
+
+def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, kernel: KernelConfig,
+                    docs: Documents | None = None):
+    """Eqs. 11–12 applied: attention over the keys of each group's selected blocks (s ≤ t).
+    idx [B, Hkv, T, n] from :func:`selection.select_blocks`. Returns o [B, Hkv, T·G, Dv]."""
+    mask_mod = selected_mask_mod(idx, cfg, group, kernel, docs)
+    bm = (selected_block_mask_of(idx, mask_mod, cfg, group, kernel.slc, docs,
+                                 full_width=qp.device.type == "cpu")   # (CPU FlexAttention's need)
+          if kernel.backend == "flex" else None)
+    return _attend(qp, heads_first(k), heads_first(v), mask_mod, bm, scale, kernel, kernel.slc,
+                   need_lse=False)[0]
+
+
+def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, kernel: KernelConfig,
+                   docs: Documents | None = None):
+    """The sliding window: the w keys ending at the query (inside its document).
+    Returns o [B, Hkv, T·G, Dv]."""
+    B, _, TG, _ = qp.shape
+    T, w = k.shape[1], cfg.window
+    mask_mod = sliding_window_mask(w, group, None if docs is None else docs.start)
+
+    def tiles_of(q_lo, q_hi, k_lo, k_hi, s_lo=None, s_hi=None):
+        any_, all_ = sliding_window_tiles(w, q_lo, q_hi, k_lo, k_hi)
+        if s_lo is None:
+            return any_, all_
+        doc_any, doc_all = document_tiles(s_lo, s_hi, k_lo, k_hi)
+        return any_ & doc_any, all_ & doc_all
+
+    bm = _static_block_mask(tiles_of, mask_mod, B, TG, T, kernel.swa, group, docs, qp.device)
+    return _attend(qp, heads_first(k), heads_first(v), mask_mod, bm, scale, kernel, kernel.swa,
+                   need_lse=False)[0]
+
+
+# -- the operator ---------------------------------------------------------------------------
+
+def _pad_head_dim(x, dim: int):
+    """Zero-pad the last dim to ``dim`` (exact: zero columns add nothing to q·k, and give zero
+    output columns, sliced off)."""
+    return x if x is None or x.shape[-1] >= dim else F.pad(x, (0, dim - x.shape[-1]))
+
+
+def _nsa(q, k, v, k_cmp, v_cmp, gates, cfg: NSAConfig, k_swa, v_swa, return_indices: bool,
+         kernel: KernelConfig, doc_ids=None):
+    B, T, Hq, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    scale = cfg.softmax_scale(Dk)
+    docs = None if doc_ids is None else Documents.of(doc_ids, cfg)
+    if k_swa is None:
+        k_swa, v_swa = k, v
+    if kernel.backend == "flex":   # FlexAttention's kernels take head dims of at least 16
+        dk, dv = max(Dk, MIN_FLEX_HEAD_DIM), max(Dv, MIN_FLEX_HEAD_DIM)
+        q, k, k_cmp, k_swa = (_pad_head_dim(x, dk) for x in (q, k, k_cmp, k_swa))
+        v, v_cmp, v_swa = (_pad_head_dim(x, dv) for x in (v, v_cmp, v_swa))
+    qp = pack_gqa(q, Hkv)                                            # [B, Hkv, T·G, Dk]
+
+    # The gated sum (eq. 5), in float32; each branch's term is added right after the branch.
+    gated = GatedSum(gates, T, q.dtype, apart=(0,) if kernel.backend == "flex" else ())
+    o_cmp, lse_cmp = compressed_branch(qp, k_cmp, v_cmp, cfg, G, scale, kernel, docs)   # eq. 7
+    gated.add(o_cmp, 0)
+    # Selection (eqs. 8–12): scores from p_cmp, top-n per KV-head group; no gradient.
+    idx = select_blocks(qp.detach(), heads_first(k_cmp).detach(), lse_cmp.detach(), cfg, scale,
+                        G, T, kernel, *(() if docs is None else docs))
+    gated.add(selected_branch(qp, k, v, idx, cfg, G, scale, kernel, docs), 1)
+    gated.add(sliding_branch(qp, k_swa, v_swa, cfg, G, scale, kernel, docs), 2)
+    o = gated.result()[..., :Dv]
+    return (o, idx.transpose(1, 2)) if return_indices else o
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(cfg: NSAConfig, kernel: KernelConfig, return_indices: bool, documents: bool):
+    """The operator under torch.compile (fullgraph, static shapes) for the flex backend."""
+    patches.install()
+    fn = functools.partial(_nsa, cfg=cfg, return_indices=return_indices, kernel=kernel)
+    if not documents:
+        fn = functools.partial(fn, doc_ids=None)
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _check_inputs(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa, v_swa, doc_ids):
     """Refuse bad input before any compute, naming the value and the fix (static checks only)."""
     if not isinstance(cfg, NSAConfig):
         raise TypeError(f"config must be an NSAConfig, got {type(cfg).__name__}")
@@ -59,12 +236,22 @@ def _check_inputs(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa, v_swa):
             raise TypeError(f"{name} has dtype {named[name].dtype} but q has {q.dtype}; cast them to one dtype")
     B, T, Hq, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
-    if T < 1 or Hq < 1 or Hkv < 1:
-        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if B < 1 or T < 1 or Hq < 1 or Hkv < 1 or Dk < 1 or Dv < 1:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; "
+                         "every dimension must be at least 1")
     if Hq % Hkv != 0:
         raise ValueError(f"query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv} (GQA); "
                          f"use Hkv among the divisors of {Hq}")
-    Tc = cfg.num_cmp_blocks(T)
+    if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor):
+            raise TypeError(f"doc_ids must be a torch.Tensor or None, got {type(doc_ids).__name__}")
+        if doc_ids.shape != (B, T) or doc_ids.is_floating_point() or doc_ids.is_complex() \
+                or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be an integer tensor of shape {(B, T)} (a document number "
+                             f"per position), got {doc_ids.dtype} {tuple(doc_ids.shape)}")
+        if doc_ids.device != q.device:
+            raise ValueError(f"doc_ids is on {doc_ids.device} but q is on {q.device}")
+    Tc = num_cmp_slots(cfg, T, doc_ids is not None)
     expect = {"k": (B, T, Hkv, Dk), "v": (B, T, Hkv, Dv), "k_cmp": (B, Tc, Hkv, Dk),
               "v_cmp": (B, Tc, Hkv, Dv), "gates": (B, T, Hq, 3)}
     if k_swa is not None:
@@ -73,290 +260,46 @@ def _check_inputs(q, k, v, k_cmp, v_cmp, gates, cfg, k_swa, v_swa):
         if tuple(named[name].shape) != shape:
             hint = ""
             if name in ("k_cmp", "v_cmp") and named[name].shape[1] != Tc:
-                hint = (f": T={T} with l={cfg.cmp_block}, d={cfg.cmp_stride} has Tc = "
+                hint = (f": with documents T={T}, d={cfg.cmp_stride} give T // d = {Tc} slots "
+                        "(Compression(..., block_ends) lays them out)" if doc_ids is not None else
+                        f": T={T} with l={cfg.cmp_block}, d={cfg.cmp_stride} has Tc = "
                         f"max(0, (T - l)//d + 1) = {Tc} complete compression blocks")
             raise ValueError(f"{name} has shape {tuple(named[name].shape)}, expected {shape}{hint}")
 
 
-def _sel_kv_block(cfg: NSAConfig) -> int:
-    """The selected branch's KV tile: tuning.SEL_KV_BLOCK, else the largest of 128, 64, 32, 16
-    dividing l' (16 if none does). Plain arithmetic: under automatic dynamic shapes l' may be a
-    SymInt, and a bitwise trick on it lowers to a float index in Inductor."""
-    if tuning.SEL_KV_BLOCK is not None:
-        return tuning.SEL_KV_BLOCK
-    return next((kb for kb in (128, 64, 32, 16) if cfg.sel_block % kb == 0), 16)
-
-
-def _swa_kv_block() -> int:
-    """The sliding branch's KV tile: tuning.SWA_KV_BLOCK, else tuning.KV_BLOCK."""
-    kb = tuning.SWA_KV_BLOCK
-    if kb is None:
-        return tuning.KV_BLOCK
-    if kb not in (16, 32, 64, 128):
-        raise ValueError(f"tuning.SWA_KV_BLOCK={kb!r}: the sliding branch's KV tile must be one of "
-                         f"16, 32, 64, 128 (or None for KV_BLOCK = {tuning.KV_BLOCK})")
-    return kb
-
-
-def _narrow_lists(cfg: NSAConfig, kv_block: int) -> bool:
-    return bool(tuning.SEL_NARROW_LISTS) and cfg.sel_block % kv_block == 0
-
-
-def refuse_unchecked_knobs(qk_dim: int | None = None, v_dim: int | None = None) -> None:
-    """Stop before compute on knob settings that cannot run here (tuning.flash_problem for these
-    head dims; its package lookup not while tracing, prepare_flash runs it before) or whose GPU
-    gradient check failed (see tuning); called where the FlexAttention path runs on CUDA."""
-    why = tuning.flash_problem(qk_dim, v_dim, package=not torch.compiler.is_compiling())
-    if why:
-        raise ValueError(why)
-    if tuning.SEL_NARROW_Q_LISTS:
-        raise ValueError("tuning.SEL_NARROW_Q_LISTS=1 gives wrong dK/dV on CUDA (failed the GPU "
-                         "gradient check, see nsa_flex/tuning.py); set it to 0")
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_flash_off(why: str) -> None:
-    warnings.warn(f"the compressed branch runs on FlexAttention's Triton backend: {why}. With its "
-                  "FLASH backend (pip install -e .[flash], on an sm90-sm110 card) the branch took 33 "
-                  "instead of 47 ms fwd+bwd at 64k on an H100; set tuning.FLASH['cmp'] = 0 to "
-                  "silence", stacklevel=3)
-
-
-def prepare_flash(device, qk_dim: int | None = None, v_dim: int | None = None) -> None:
-    """Before compiling for ``device`` (and head dims, where known): refuse FLASH settings that
-    cannot run, say once where tuning.FLASH's automatic choice (None) falls back to Triton, and
-    measure the FLASH backend's LSE scale where a branch that returns its LSE uses it
-    (backends.measure_flash_lse_scale)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return
-    refuse_unchecked_knobs(qk_dim, v_dim)   # (flash_on, there, finds tuning.flash_available
-    if tuning.FLASH.get("cmp", 0) is None:  #  outside any trace)
-        if not tuning.flash_available():
-            _warn_flash_off("flash-attn-4 is not installed"
-                            if torch.cuda.get_device_capability(device)[0] in (9, 10, 11)
-                            else "this card's compute capability is outside 9.x-11.x")
-        elif qk_dim is not None and not tuning.flash_fits(qk_dim, v_dim):
-            _warn_flash_off(f"the head dims Dk={qk_dim}, Dv={v_dim or qk_dim} are above "
-                            f"tuning.FLASH_MAX_HEAD_DIM={tuning.FLASH_MAX_HEAD_DIM}")
-    if tuning.flash_on("cmp") or tuning.flash_on("forced"):
-        measure_flash_lse_scale(device)
-
-
-def selected_branch_block_mask(idx, table, mask_mod, cfg: NSAConfig, group: int, full_width: bool,
-                               q_splits: int = 1):
-    """The selected branch's BlockMask as its FlexAttention call builds it: narrow lists with
-    tuning.SEL_NARROW_LISTS, else from the tile classification; for ``q_splits`` chunks of query
-    tiles as batch entries (backends.attend's layout), the same tiles regrouped. idx [B, Hkv, T, n],
-    table its selection_table, mask_mod the unsplit one. The visualiser reads the unsplit mask."""
-    B, H, T = idx.shape[:3]
-    kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
-    if not _narrow_lists(cfg, kb):
-        return tiled_block_mask(lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_),
-                                mask_mod, B, H, T * group, T, qb, kb, q_splits)
-    if q_splits > 1:
-        mask_mod = split_mask_mod(mask_mod, q_splits, T * group // q_splits, B)
-    return selected_block_mask(idx, cfg.sel_block, group, qb, kb, mask_mod, full_width=full_width,
-                               narrow_q=bool(tuning.SEL_NARROW_Q_LISTS), q_splits=q_splits,
-                               full_tiles=bool(tuning.SEL_FULL_TILES))
-
-
-def selected_mask_mod(idx, cfg: NSAConfig, group: int, use_flex: bool):
-    """(selection table or None, mask_mod) of the selected branch. Causality alone
-    (tuning.SEL_CAUSAL_ONLY) for FlexAttention over narrow lists — which list exactly the selected
-    blocks' tiles — with one position per query tile: every key of a listed tile then lies in a
-    block its position selected, and no [B, Hkv, T, Ts] table is built. Else the table's mask."""
-    if (use_flex and tuning.SEL_CAUSAL_ONLY and group % tuning.sel_q_block() == 0
-            and _narrow_lists(cfg, _sel_kv_block(cfg))):
-        return None, causal_mask(group)
-    table = selection_table(idx, cfg.num_sel_blocks(idx.shape[2]))
-    return table, selected_mask(table, cfg.sel_block, group)
-
-
-def _static_tiles(fn, q_rows: int, group: int, kv_len: int, device):
-    """Tile classifier (q_block, kv_block) -> (any, all) for a mask known from positions alone."""
-    def tiles(q_block, kv_block):
-        q_lo, q_hi = tile_positions(q_rows, q_block, group, device)
-        k_lo, k_hi = tile_keys(kv_len, kv_block, device)
-        return fn(q_lo, q_hi, k_lo, k_hi)
-    return tiles
-
-
-def compressed_branch(qp, k_cmp, v_cmp, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
-    """Eq. 7: attention over the compressed keys whose block lies wholly in the past.
-
-    qp [B, Hkv, T·G, Dk]; k_cmp/v_cmp [B, Tc, Hkv, D]. Returns (o [B, Hkv, T·G, Dv], lse)."""
-    B, H, TG, Dk = qp.shape
-    Tc, Dv = k_cmp.shape[1], v_cmp.shape[-1]
-    if Tc == 0:  # no complete block yet: o_cmp = 0 (pinned)
-        return (qp.new_zeros(B, H, TG, Dv), qp.new_full((B, H, TG), float("-inf"), dtype=torch.float32))
-    tiles = _static_tiles(functools.partial(compressed_tiles, cfg.cmp_block, cfg.cmp_stride),
-                          TG, group, Tc, qp.device)
-    return attend(qp, heads_first(k_cmp), heads_first(v_cmp),
-                  compressed_mask(cfg.cmp_block, cfg.cmp_stride, group), tiles, scale,
-                  use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                  kernel_options=tuning.kernel_options("cmp", qp.dtype, Dk, tuning.KV_BLOCK, v_dim=Dv),
-                  need_lse=True, q_splits=tuning.Q_SPLITS.get("cmp", 1))
-
-
-def _forced_static(cfg: NSAConfig) -> bool:
-    """Whether the selected branch runs as forced (static) + rest (dynamic): tuning's choice,
-    where every query has a forced block and top-n keeps all of them (n ≥ n_init + n_local)."""
-    forced = cfg.n_init + cfg.n_local
-    return bool(tuning.SEL_FORCED_STATIC) and 0 < forced <= cfg.sel_topn
-
-
-def selected_branch(qp, k, v, idx, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
-    """Eqs. 11–12 applied: attention over the keys of each group's selected blocks (s ≤ t).
-
-    idx [B, Hkv, T, n] from :func:`select_blocks`. Returns o [B, Hkv, T·G, Dv].
-
-    With tuning.SEL_FORCED_STATIC the same softmax runs in two parts over disjoint keys, merged
-    through their log-sum-exp: the forced blocks (a mask of positions only) and the rest."""
-    T = k.shape[1]
-    kh, vh = heads_first(k), heads_first(v)
-    kb, qb = _sel_kv_block(cfg), tuning.sel_q_block()
-    split = _forced_static(cfg)
-    if split:
-        idx = without_forced(idx, cfg.sel_block, cfg.n_init, cfg.n_local)
-    table, mask_mod = selected_mask_mod(idx, cfg, group, use_flex)
-    narrow = None   # else attend builds it from the tiles
-    if _narrow_lists(cfg, kb):
-        narrow = functools.partial(selected_branch_block_mask, idx, table, mask_mod, cfg, group,
-                                   full_width=qp.device.type == "cpu")
-    out, lse = attend(qp, kh, vh, mask_mod,
-                      lambda qb_, kb_: selected_tiles(table, cfg.sel_block, group, qb_, kb_), scale,
-                      use_flex=use_flex, q_block=qb, kv_block=kb,
-                      kernel_options=tuning.kernel_options("slc", qp.dtype, qp.shape[-1], kb, qb,
-                                                           v_dim=vh.shape[-1]),
-                      need_lse=split, q_splits=tuning.Q_SPLITS.get("slc", 1), block_mask=narrow)
-    if not split:
-        return out
-    tiles = _static_tiles(functools.partial(forced_blocks_tiles, cfg.sel_block, cfg.n_init, cfg.n_local),
-                          qp.shape[2], group, T, qp.device)
-    # The forced part's mask depends on positions only, like the compressed branch's, so it takes
-    # the tiles (KV_BLOCK) and query splits proven there rather than the selected branch's.
-    o_f, lse_f = attend(qp, kh, vh, forced_blocks_mask(cfg.sel_block, cfg.n_init, cfg.n_local, group),
-                        tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=tuning.KV_BLOCK,
-                        kernel_options=tuning.kernel_options("forced", qp.dtype, qp.shape[-1], tuning.KV_BLOCK,
-                                                             v_dim=vh.shape[-1]),
-                        need_lse=True, q_splits=tuning.Q_SPLITS.get("forced", 1))
-    return merge_by_lse(o_f, lse_f, out, lse)[0]
-
-
-def sliding_branch(qp, k, v, cfg: NSAConfig, group: int, scale: float, use_flex: bool):
-    """The sliding window: the w keys ending at the query. Returns o [B, Hkv, T·G, Dv]."""
-    T = k.shape[1]
-    tiles = _static_tiles(functools.partial(sliding_window_tiles, cfg.window), qp.shape[2], group,
-                          T, qp.device)
-    kb = _swa_kv_block()
-    out, _ = attend(qp, heads_first(k), heads_first(v), sliding_window_mask(cfg.window, group),
-                    tiles, scale, use_flex=use_flex, q_block=tuning.Q_BLOCK, kv_block=kb,
-                    kernel_options=tuning.kernel_options("swa", qp.dtype, qp.shape[-1], kb,
-                                                         v_dim=v.shape[-1]),
-                    q_splits=tuning.Q_SPLITS.get("swa", 1))
-    return out
-
-
-def _nsa(q, k, v, k_cmp, v_cmp, gates, cfg: NSAConfig, k_swa, v_swa, return_indices: bool,
-         use_flex: bool, sliding: bool = True):
-    T, Hq, Dk = q.shape[1:]
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    scale = cfg.softmax_scale(Dk)
-    qp = pack_gqa(q, Hkv)                                            # [B, Hkv, T·G, Dk]
-
-    # Gated sum (eq. 5), in float32; each branch's term is added right after the branch
-    # (see gating.py for why). (`sliding=False` is for benchmarks against NSA kernels that have
-    # no sliding branch.)
-    gated = GatedSum(gates, T, q.dtype)
-    o_cmp, lse_cmp = compressed_branch(qp, k_cmp, v_cmp, cfg, G, scale, use_flex)
-    gated.add(o_cmp, 0)
-    # Selection (eqs. 8–12): scores from p_cmp, top-n per KV-head group; no gradient.
-    idx = select_blocks(qp.detach(), heads_first(k_cmp).detach(), lse_cmp.detach(), cfg, scale, G, T)
-    gated.add(selected_branch(qp, k, v, idx, cfg, G, scale, use_flex), 1)
-    if sliding:
-        k_w, v_w = (k, v) if k_swa is None else (k_swa, v_swa)
-        gated.add(sliding_branch(qp, k_w, v_w, cfg, G, scale, use_flex), 2)
-    o = gated.result()
-    if return_indices:
-        return o, idx.transpose(1, 2)
-    return o
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(cfg: NSAConfig, return_indices: bool, sliding: bool = True):
-    fn = functools.partial(_nsa, cfg=cfg, return_indices=return_indices, use_flex=True,
-                           sliding=sliding)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-if torch.cuda.is_available():
-    tuning.install_flex_backward_configs()
-    tuning.fix_scalar_tree_block_shape()
-    if tuning.AUTOTUNE_BLOCKS:
-        tuning.cap_autotune_blocks()
-    from . import score_kernel  # noqa: F401  (registers torch.ops.nsa_flex.selection_scores)
-
-
-_DENSE_ON_CUDA = False
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_unfit_score_kernel(cfg: NSAConfig, group: int) -> None:
-    """Say once per shape where tuning.SCORE_KERNEL cannot apply (the torch route scores then)."""
-    from .score_kernel import unfit
-    why = unfit(cfg, group)
-    if why:
-        warnings.warn(f"{why}: this model's selection scores take the torch route (same blocks up "
-                      "to rounding, more time and memory); set tuning.SCORE_KERNEL = 0 to silence",
-                      stacklevel=3)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_unfit_topn_kernel(cfg: NSAConfig, seq_len: int) -> None:
-    """Say once per shape where tuning.TOPN_KERNEL cannot apply (the torch route ranks then)."""
-    from .topn_kernel import unfit
-    why = unfit(cfg.num_sel_blocks(seq_len))
-    if why:
-        warnings.warn(f"{why}: this sequence's top-n takes the torch route (the same blocks, more "
-                      "time); raise tuning.TOPN_KERNEL_MAX_BLOCKS or set tuning.TOPN_KERNEL = 0 "
-                      "to silence", stacklevel=3)
-
-
-@contextlib.contextmanager
-def dense_path():
-    """Within this context nsa_attention takes the dense path on CUDA too: the same mask_mods
-    and selection, masked softmax in row chunks, no FlexAttention kernels to compile (the
-    visualiser's default forward). Results equal the FlexAttention path up to rounding."""
-    global _DENSE_ON_CUDA
-    saved, _DENSE_ON_CUDA = _DENSE_ON_CUDA, True
-    try:
-        yield
-    finally:
-        _DENSE_ON_CUDA = saved
+def _check_kernel(kernel, q, cfg, Dk: int, Dv: int) -> KernelConfig:
+    if kernel is None:
+        kernel = choose_kernel(q.device, q.dtype, Dk, Dv, cfg)
+    elif not isinstance(kernel, KernelConfig):
+        raise TypeError(f"kernel must be a KernelConfig or None, got {type(kernel).__name__}")
+    if kernel.backend == "flex":
+        if q.device.type != "cuda":
+            raise ValueError(f"kernel backend 'flex' runs on CUDA; q is on {q.device}: use "
+                             "KernelConfig('dense') (or kernel=None) there")
+        if q.dtype == torch.float64:
+            raise ValueError("float64 runs on the dense backend only: pass "
+                             "kernel=KernelConfig('dense') or use float32")
+    check_head_dims(Dk, Dv, kernel)
+    return kernel
 
 
 def nsa_attention(q, k, v, k_cmp, v_cmp, gates, config: NSAConfig, k_swa=None, v_swa=None,
-                  return_indices: bool = False):
-    """NSA attention.
+                  return_indices: bool = False, doc_ids=None, kernel: KernelConfig | None = None):
+    """NSA attention (docs/spec.md).
 
     q [B, T, Hq, Dk]; k [B, T, Hkv, Dk]; v [B, T, Hkv, Dv]  (selected branch, and sliding unless
     k_swa/v_swa are given); k_cmp [B, Tc, Hkv, Dk]; v_cmp [B, Tc, Hkv, Dv] (compressed branch,
     Tc = max(0, (T − l)//d + 1)); gates [B, T, Hq, 3] in [0, 1], order (cmp, slc, swa).
+    ``doc_ids`` [B, T] integers: packed documents (a new one wherever the value changes), each
+    computed as if alone; k_cmp/v_cmp then hold T // d slots laid out by position
+    (``Compression(x, block_ends)``). ``kernel``: how to run (kernels.choose_kernel by default).
     Returns o [B, T, Hq, Dv]; with return_indices, (o, idx) with idx [B, T, Hkv, n] int32 the
-    selected block numbers, −1 where unused.
+    selected block numbers (of each position's document), −1 where unused.
     """
-    _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
-    use_flex = q.device.type == "cuda" and not _DENSE_ON_CUDA
-    if use_flex and torch.compiler.is_compiling():
-        refuse_unchecked_knobs(q.shape[-1], v.shape[-1])
-    elif use_flex:
-        prepare_flash(q.device, q.shape[-1], v.shape[-1])   # (refuses what cannot run first)
-        if tuning.SCORE_KERNEL:
-            _warn_unfit_score_kernel(config, q.shape[2] // k.shape[2])
-        if tuning.TOPN_KERNEL:
-            _warn_unfit_topn_kernel(config, q.shape[1])
-    if use_flex and not torch.compiler.is_compiling():
-        return _compiled(config, return_indices)(q, k, v, k_cmp, v_cmp, gates, k_swa=k_swa, v_swa=v_swa)
-    return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, use_flex)
+    _check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, doc_ids)
+    kernel = _check_kernel(kernel, q, config, q.shape[-1], v.shape[-1])
+    if kernel.backend == "flex" and not torch.compiler.is_compiling():
+        fn = compiled(config, kernel, return_indices, doc_ids is not None)
+        args = (q, k, v, k_cmp, v_cmp, gates)
+        return fn(*args, k_swa=k_swa, v_swa=v_swa, **({} if doc_ids is None else {"doc_ids": doc_ids}))
+    return _nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices, kernel, doc_ids)

@@ -1,19 +1,18 @@
 """Top-n (NSA §3.3.2, eqs. 11–12) in one Triton kernel, for CUDA.
 
-selection.top_n_by_value ranks a chunk of scores with torch.topk (a radix select: several passes
-over p_slc [B, Hkv, P, Ts'] in memory) and then places the winners with cumsums and a scatter.
-Here one program holds BR rows (one position of one KV head each) of p_slc in registers:
+One program holds BR rows (one position of one KV head each) and walks their scores p_slc in
+chunks of BS selection blocks, keeping each row's best n (value, block) in registers:
 
     v = +inf for forced blocks, max(p, 0) for the other candidates (j·l' ≤ t), −1 for the rest
-    n times:  m  = the row's largest v
-              j* = the lowest j with v = m            (ties to the lower j)
-              out[i] = j* where m ≥ 0, else −1        (fewer than n candidates: −1 fills)
-              v[j*] = −2                              (taken)
+    per chunk, n times:  the larger of (the chunk's largest v, lowest j among equals)
+                                     and (the kept list's largest v, lowest j among equals)
+                         joins the new list and leaves its source
+    out = the kept blocks whose v ≥ 0, −1 in the other slots (fewer than n candidates)
 
-so the n blocks come out by score with the rule of eqs. 11–12 as selection.top_n states it
-(forced blocks first, every candidate when there are fewer than n). The same blocks as the torch
-routes; the order within a row is free (the branches read the set). Used on CUDA when
-tuning.TOPN_KERNEL is set and a row fits (:func:`unfit`).
+Blocks of an earlier chunk have lower numbers, so a tie between the chunk and the kept list goes
+to the list: ties go to the lower j, the rule of eqs. 11–12 as selection.top_n states it. A row
+of Ts ≤ BS blocks is one chunk; rows of any length run. With documents, t and the candidates
+are counted from the position's document start. The order within a row is free.
 """
 
 from __future__ import annotations
@@ -22,67 +21,79 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
-
 
 @triton.jit
-def _top_n_kernel(p_ptr, out_ptr, rows, t0, P, Ts, n_init, n_local,
+def _top_n_kernel(p_ptr, out_ptr, start_ptr, rows, t0, P, H, Ts, n_init, n_local, ss_b,
                   SEL_BLOCK: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-                  BR: tl.constexpr, BS: tl.constexpr):
+                  BR: tl.constexpr, BS: tl.constexpr, DOCS: tl.constexpr):
     r = tl.program_id(0) * BR + tl.arange(0, BR)         # row = (b·Hkv + h)·P + p
     row_ok = r < rows
-    cur = (t0 + r % P) // SEL_BLOCK                      # the query's own selection block
-    j = tl.arange(0, BS)
-    inside = row_ok[:, None] & (j < Ts)[None, :]
-    p = tl.load(p_ptr + r[:, None].to(tl.int64) * Ts + j[None, :], mask=inside, other=0.0)
-    cand = inside & (j[None, :] <= cur[:, None])
-    forced = cand & ((j[None, :] < n_init) | (j[None, :] > cur[:, None] - n_local))
-    v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
+    t = t0 + r % P
+    if DOCS:
+        s0 = tl.load(start_ptr + (r // (H * P)) * ss_b + t, mask=row_ok, other=0)
+        t = t - s0
+    cur = t // SEL_BLOCK                                 # the query's own selection block
     slot = tl.arange(0, NP)
-    out = tl.full([BR, NP], -1, tl.int32)
-    for i in range(N):
-        m = tl.max(v, axis=1)
-        pick = tl.min(tl.where(v == m[:, None], j[None, :], BS), axis=1)
-        out = tl.where((slot[None, :] == i) & (m >= 0)[:, None], pick[:, None], out)
-        v = tl.where(j[None, :] == pick[:, None], -2.0, v)
+    best_v = tl.full([BR, NP], -3.0, tl.float32)         # −3: an empty slot
+    best_j = tl.full([BR, NP], 2147483647, tl.int32)
+    for c0 in range(0, Ts, BS):
+        j = c0 + tl.arange(0, BS)
+        inside = row_ok[:, None] & (j < Ts)[None, :]
+        p = tl.load(p_ptr + r[:, None].to(tl.int64) * Ts + j[None, :], mask=inside, other=0.0)
+        cand = inside & (j[None, :] <= cur[:, None])
+        forced = cand & ((j[None, :] < n_init) | (j[None, :] > cur[:, None] - n_local))
+        v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
+        v = tl.where(inside, v, -2.5)                    # past the row: below any block
+        new_v = tl.full([BR, NP], -3.0, tl.float32)
+        new_j = tl.full([BR, NP], 2147483647, tl.int32)
+        for i in range(N):
+            mc = tl.max(v, axis=1)
+            jc = tl.min(tl.where(v == mc[:, None], j[None, :], 2147483647), axis=1)
+            mb = tl.max(best_v, axis=1)
+            jb = tl.min(tl.where(best_v == mb[:, None], best_j, 2147483647), axis=1)
+            from_chunk = (mc > mb) | ((mc == mb) & (jc < jb))
+            m = tl.where(from_chunk, mc, mb)
+            pick = tl.where(from_chunk, jc, jb)
+            keep = (slot[None, :] == i) & (m >= 0)[:, None]
+            new_v = tl.where(keep, m[:, None], new_v)
+            new_j = tl.where(keep, pick[:, None], new_j)
+            v = tl.where(from_chunk[:, None] & (j[None, :] == jc[:, None]), -2.0, v)
+            best_v = tl.where(~from_chunk[:, None] & (best_j == jb[:, None]), -3.0, best_v)
+        best_v, best_j = new_v, new_j
+    out = tl.where(best_v >= 0, best_j, -1)
     tl.store(out_ptr + r[:, None].to(tl.int64) * N + slot[None, :], out,
              mask=row_ok[:, None] & (slot < N)[None, :])
 
 
-def unfit(num_sel: int) -> str | None:
-    """Why a row of ``num_sel`` selection blocks does not fit the kernel (None where it does)."""
-    if num_sel > tuning.TOPN_KERNEL_MAX_BLOCKS:
-        return (f"the top-n kernel holds a row of at most tuning.TOPN_KERNEL_MAX_BLOCKS = "
-                f"{tuning.TOPN_KERNEL_MAX_BLOCKS} selection blocks, got {num_sel}")
-    return None
-
-
 def launch(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: int, n: int,
-           launcher=None) -> torch.Tensor:
+           tile: int, doc_start=None, launcher=None) -> torch.Tensor:
     """[B, Hkv, P, Ts'] float32 scores of positions t0 … t0 + P − 1 -> [B, Hkv, P, n] int32 block
-    numbers, −1 in unused slots. ``launcher`` wraps the kernel (e.g. torch.library.wrap_triton
-    under torch.compile)."""
+    numbers, −1 in unused slots. ``tile``: KernelConfig.topn_tile (row elements a program holds);
+    ``doc_start`` [B, T] with documents. ``launcher`` wraps the kernel (e.g.
+    torch.library.wrap_triton under torch.compile)."""
     B, H, P, Ts = p_slc.shape
-    why = unfit(Ts)
-    if why:
-        raise ValueError(why)
     p_slc = p_slc.contiguous()
     out = torch.empty(B, H, P, n, dtype=torch.int32, device=p_slc.device)
     rows = B * H * P
     if rows == 0:
         return out
-    bs = max(16, triton.next_power_of_2(Ts))
-    fit = max(1, tuning.TOPN_KERNEL_TILE // bs)
+    bs = min(max(16, triton.next_power_of_2(Ts)), tile)
+    fit = max(1, tile // bs)
     br = min(1 << (fit.bit_length() - 1), triton.next_power_of_2(rows))   # powers of two
+    docs = doc_start is not None
+    if docs:
+        doc_start = doc_start.contiguous()
     kernel = launcher(_top_n_kernel) if launcher is not None else _top_n_kernel
-    kernel[(triton.cdiv(rows, br),)](p_slc, out, rows, t0, P, Ts, n_init, n_local,
+    kernel[(triton.cdiv(rows, br),)](p_slc, out, doc_start if docs else out, rows, t0, P, H, Ts,
+                                     n_init, n_local, doc_start.stride(0) if docs else 0,
                                      SEL_BLOCK=sel_block, N=n, NP=max(2, triton.next_power_of_2(n)),
-                                     BR=br, BS=bs, num_warps=tuning.TOPN_KERNEL_WARPS)
+                                     BR=br, BS=bs, DOCS=docs, num_warps=4)
     return out
 
 
 @torch.library.triton_op("nsa_flex::top_n", mutates_args=())
-def top_n(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: int,
-          n: int) -> torch.Tensor:
+def top_n(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: int, n: int,
+          tile: int, doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel as a torch operator (traceable by torch.compile)."""
-    return launch(p_slc, t0, sel_block, n_init, n_local, n, launcher=torch.library.wrap_triton)
+    return launch(p_slc, t0, sel_block, n_init, n_local, n, tile, doc_start,
+                  launcher=torch.library.wrap_triton)

@@ -1,4 +1,4 @@
-"""An independent float64 reference of NSA_SPEC.md, written plainly: token-level masks, explicit
+"""An independent float64 reference of docs/spec.md, written plainly: token-level masks, explicit
 interval overlaps, and a Python top-n. Shares no code with the operator."""
 
 from __future__ import annotations

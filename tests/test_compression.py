@@ -40,3 +40,29 @@ def test_operator_import_needs_torch_only():
             "bad = [m for m in ('torchtitan', 'datasets', 'tiktoken') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_documents_compress_their_own_blocks():
+    """With documents, slot ⌊s0/d⌋ + i holds φ of block i of each document (its own grid from
+    its first token), the other slots 0; the same values as φ run on each document alone."""
+    from masks import compressed_block_ends
+    torch.manual_seed(0)
+    l, d = 8, 4
+    phi = Compression(dim=6, block=l, stride=d, hidden=20)
+    phi.init_weights(0.3)
+    lengths = [3, 1, 21, 8, 30]
+    T = sum(lengths)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].repeat(2, 1)
+    x = torch.randn(2, T, 3, 6)
+    ends = compressed_block_ends(ids, l, d)
+    y = phi(x, ends)
+    assert y.shape == (2, T // d, 3, 6)
+    want = torch.zeros_like(y)
+    s0 = 0
+    for L in lengths:
+        alone = phi(x[:, s0:s0 + L])
+        want[:, s0 // d:s0 // d + alone.shape[1]] = alone
+        s0 += L
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="block_ends has shape"):
+        phi(x, ends[:, 1:])

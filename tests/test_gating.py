@@ -1,5 +1,5 @@
-"""nsa_flex/gating.py: the gated sum with each branch's output gradient written apart
-(tuning.GATE_GRADS_APART), against the plain expression, on CPU."""
+"""nsa_flex/gating.py: the gated sum (eq. 5) with a branch's output gradient written apart
+(the flex backend does it for the compressed branch), against the plain expression, on CPU."""
 
 import os
 import subprocess
@@ -10,43 +10,52 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nsa_flex import NSAConfig, nsa_attention, tuning
-from nsa_flex.gating import gated_grad
+from nsa_flex.gating import GatedSum, gated_grad
 from masks import pack_gqa, unpack_gqa
 
-CFG = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, sel_topn=3, window=12)
+B, T, Hq, Hkv, DV = 2, 12, 6, 2, 8
 
 
-def inputs(dtype, seed=0, B=2, T=48, Hq=8, Hkv=2, D=16):
+def branches(dtype, seed=0):
+    """Three 'branches': each a matmul chain from its own leaf, packed [B, Hkv, T·G, Dv]."""
     g = torch.Generator().manual_seed(seed)
-    Tc = CFG.num_cmp_blocks(T)
-    xs = [torch.randn(*s, generator=g) for s in
-          [(B, T, Hq, D), (B, T, Hkv, D), (B, T, Hkv, D), (B, Tc, Hkv, D), (B, Tc, Hkv, D)]]
-    xs.append(torch.rand(B, T, Hq, 3, generator=g))
-    return [x.to(dtype).requires_grad_() for x in xs]
+    leaves = [torch.randn(B, Hkv, T * (Hq // Hkv), DV, generator=g).to(dtype).requires_grad_()
+              for _ in range(3)]
+    weights = [torch.randn(DV, DV, generator=g).to(dtype) for _ in range(3)]
+    gates = torch.rand(B, T, Hq, 3, generator=g).to(dtype).requires_grad_()
+    return leaves, weights, gates
 
 
-ALL, NONE, CMP = {"cmp": 1, "slc": 1, "swa": 1}, {"cmp": 0, "slc": 0, "swa": 0}, {"cmp": 1, "slc": 0, "swa": 0}
+def gated(leaves, weights, gates, apart, dtype):
+    s = GatedSum(gates, T, dtype, apart=apart)
+    for c, (x, w) in enumerate(zip(leaves, weights)):
+        s.add(x @ w, c)
+    return s.result()
 
 
-def run(apart, dtype, monkeypatch):
-    monkeypatch.setattr(tuning, "GATE_GRADS_APART", apart)
-    xs = inputs(dtype)
-    o = nsa_attention(*xs, CFG)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    o.backward(do)
-    return o.detach(), [x.grad for x in xs]
+def run(apart, dtype):
+    leaves, weights, gates = branches(dtype)
+    o = gated(leaves, weights, gates, apart, dtype)
+    o.backward(torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    return o.detach(), [x.grad for x in leaves + [gates]]
 
 
-@pytest.mark.parametrize("apart", [ALL, CMP], ids=["all", "cmp"])
+@pytest.mark.parametrize("apart", [(0, 1, 2), (0,)], ids=["all", "cmp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_output_and_gradients_as_the_plain_sum(apart, dtype, monkeypatch):
-    o1, g1 = run(apart, dtype, monkeypatch)
-    o0, g0 = run(NONE, dtype, monkeypatch)
-    assert torch.equal(o1, o0)                 # the value is the plain sum itself
-    for name, a, b in zip(("q", "k", "v", "k_cmp", "v_cmp", "gates"), g1, g0):
+def test_same_output_and_gradients_as_the_plain_sum(apart, dtype):
+    o1, g1 = run(apart, dtype)
+    o0, g0 = run((), dtype)
+    assert o1.dtype == dtype and torch.equal(o1, o0)      # the value is the plain sum itself
+    for name, a, b in zip(("cmp", "slc", "swa", "gates"), g1, g0):
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         assert ((a.double() - b.double()).norm() / b.double().norm()).item() < tol, name
+
+
+def test_the_sum_is_eq_5():
+    leaves, weights, gates = branches(torch.float64)
+    o = gated(leaves, weights, gates, (), torch.float64)
+    want = sum(gates[..., c:c + 1] * unpack_gqa(leaves[c] @ weights[c], T) for c in range(3))
+    assert torch.allclose(o, want, rtol=1e-14, atol=1e-14)
 
 
 def test_gated_grad_is_the_packed_product():
@@ -117,50 +126,36 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("apart", [ALL, CMP, NONE], ids=["all", "cmp", "none"])
-def test_each_branch_gradient_comes_just_before_its_backward(apart, monkeypatch):
-    """The backward writes a branch's output gradient, then runs that branch's attention
-    backward (its matmuls), then the next branch's gradient: never two gradients in a row. A
-    branch not set apart writes none through gated_grad; the compressed branch alone set apart
-    writes its gradient after the other branches' backward (the matmuls before it) and before
-    its own."""
-    monkeypatch.setattr(tuning, "GATE_GRADS_APART", apart)
-    xs = inputs(torch.float32)
-    o = nsa_attention(*xs, CFG)
+@pytest.mark.parametrize("apart", [(0, 1, 2), (0,), ()], ids=["all", "cmp", "none"])
+def test_each_branch_gradient_comes_just_before_its_backward(apart):
+    """The backward writes a branch's output gradient, then runs that branch's backward (its
+    matmul), then the next branch's gradient: never two gradients in a row. A branch not set
+    apart writes none through gated_grad; the first branch alone set apart writes its gradient
+    after the other branches' backward and just before its own."""
+    leaves, weights, gates = branches(torch.float32)
+    o = gated(leaves, weights, gates, apart, torch.float32)
     with OpLog() as log:
         o.backward(torch.ones_like(o))
-    marks = [op for op in log.ops if op in ("nsa_flex.gated_grad", "aten.bmm", "aten.mm")]
+    marks = [op for op in log.ops if op in ("nsa_flex.gated_grad", "aten.mm", "aten.bmm")]
     grads = [i for i, op in enumerate(marks) if op == "nsa_flex.gated_grad"]
-    assert len(grads) == sum(apart.values())
-    if apart is CMP:   # after it: the compressed branch's backward matmuls and nothing else
-        assert grads == [len(marks) - 1 - compressed_backward_matmuls()], marks
+    assert len(grads) == len(apart)
     assert all(b - a > 1 for a, b in zip(grads, grads[1:])), marks
+    if apart == (0,):   # before it the two other branches' backward, after it the first's alone
+        assert grads[0] == 2 and len(marks) == 4, marks
     if grads:
         assert grads[-1] < len(marks) - 1      # the last branch's backward follows its gradient
 
 
-def compressed_backward_matmuls():
-    """The matmuls of the compressed branch's backward alone (the operator's dense route)."""
-    from nsa_flex import operator as op
-    q, k, v, kc, vc, gates = inputs(torch.float32)
-    G = q.shape[2] // k.shape[2]
-    o, _ = op.compressed_branch(pack_gqa(q, k.shape[2]), kc, vc, CFG, G, CFG.softmax_scale(q.shape[-1]), False)
-    with OpLog() as log:
-        o.backward(torch.ones_like(o))
-    return sum(op_ in ("aten.bmm", "aten.mm") for op_ in log.ops)
-
-
-def test_compiled_matches_eager_with_gradients_apart(monkeypatch):
+def test_compiled_matches_eager_with_gradients_apart():
     """The autograd.Function and the opaque op inside a compiled graph (Inductor, CPU): same
     output and gradients as eager."""
-    monkeypatch.setattr(tuning, "GATE_GRADS_APART", ALL)
-    eager, comp = inputs(torch.float32, seed=4), inputs(torch.float32, seed=4)
-    o_e = nsa_attention(*eager, CFG)
+    eager, comp = branches(torch.float32, seed=4), branches(torch.float32, seed=4)
+    o_e = gated(*eager, (0, 1, 2), torch.float32)
     torch._dynamo.reset()
-    o_c = torch.compile(lambda *a: nsa_attention(*a, CFG), fullgraph=True)(*comp)
+    o_c = torch.compile(lambda *a: gated(*a, (0, 1, 2), torch.float32), fullgraph=True)(*comp)
     torch._dynamo.reset()
     assert torch.allclose(o_c, o_e, rtol=1e-5, atol=1e-6)
     o_e.square().sum().backward()
     o_c.square().sum().backward()
-    for a, b in zip(comp, eager):
+    for a, b in zip(comp[0] + [comp[2]], eager[0] + [eager[2]]):
         assert ((a.grad - b.grad).norm() / b.grad.norm()).item() < 1e-5

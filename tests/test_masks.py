@@ -3,7 +3,7 @@
 For each builder, the pairs FlexAttention attends — read back from the KV-side lists used by
 the forward and from the transposed query-side lists used by the backward, partial tiles through
 the mask_mod, full tiles without it — must equal the spec's dense mask, in the packed-GQA layout
-(row r = position r // G), for odd T, several G and block sizes.
+(row r = position r // G), for odd T, several G and block sizes, with and without documents.
 """
 
 import itertools
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import masks as M
-from masks.readback import PARTIAL
 
-SIZES = [(37, 1, 16, 16), (53, 2, 16, 32), (45, 4, 32, 16), (29, 16, 64, 16), (70, 3, 32, 32)]
+SIZES = [(37, 1, 16, 16), (53, 2, 16, 32), (45, 4, 32, 16), (29, 16, 64, 16), (70, 3, 32, 32),
+         (61, 16, 16, 64), (40, 6, 16, 32)]
 
 
 def spec_rows(T, G):
@@ -23,15 +23,71 @@ def spec_rows(T, G):
 
 
 def check_block_mask(bm, spec):
-    assert torch.equal(M.computed_mask(bm), spec), "forward (KV-side) lists differ from the spec"
-    assert torch.equal(M.computed_mask(bm, transposed=True), spec), "backward (Q-side) lists differ"
+    assert torch.equal(M.computed_mask(bm), spec.expand_as(M.computed_mask(bm))), \
+        "forward (KV-side) lists differ from the spec"
+    assert torch.equal(M.computed_mask(bm, transposed=True), spec.expand_as(M.computed_mask(bm))), \
+        "backward (Q-side) lists differ"
 
 
-def static(any_all, mask_mod, T, G, QB, KB, kv_len):
+def static(any_all, mask_mod, T, G, QB, KB, kv_len, batch=1):
     q_lo, q_hi = M.tile_positions(T * G, QB, G)
     k_lo, k_hi = M.tile_keys(kv_len, KB)
     a, al = any_all(q_lo, q_hi, k_lo, k_hi)
-    return M.block_mask_from_tiles(a, al, mask_mod, T * G, kv_len, QB, KB, 1, 1)
+    return M.block_mask_from_tiles(a, al, mask_mod, T * G, kv_len, QB, KB, batch, 1)
+
+
+def random_docs(B, T, seed, count=4):
+    """doc_ids [B, T] with up to ``count`` documents per row, one of them of length 1."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        cuts = sorted(set(torch.randint(1, T, (count - 1,), generator=gen).tolist()))
+        if cuts and cuts[0] + 1 < T:
+            cuts.append(cuts[0] + 1)                        # a document of one token
+        ids = (torch.arange(T)[:, None] >= torch.tensor(sorted(set(cuts)))[None, :]).sum(-1)
+        rows.append(ids * 3 + 7)                            # any integers: a change starts one
+    return torch.stack(rows)
+
+
+def spec_start(doc_ids):
+    """Each position's document start, written plainly."""
+    B, T = doc_ids.shape
+    start = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        for t in range(1, T):
+            start[b, t] = start[b, t - 1] if doc_ids[b, t] == doc_ids[b, t - 1] else t
+    return start
+
+
+def test_document_structure():
+    ids = torch.tensor([[5, 5, 5, 9, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4]])
+    assert M.document_starts(ids).tolist() == [[0, 0, 0, 3, 4, 4, 4, 4, 4, 4, 4, 11, 11, 11, 11, 11, 11]]
+    assert M.document_ends(ids).tolist() == [[2, 2, 2, 3, 10, 10, 10, 10, 10, 10, 10, 16, 16, 16, 16, 16, 16]]
+    # l = 4, d = 2: document [4, 11) has blocks at 4, 6 (ending 7, 9); [11, 17) at 11, 13 (14, 16)
+    ends = M.compressed_block_ends(ids, 4, 2)
+    assert ends.tolist() == [[-1, -1, 7, 9, -1, 14, 16, -1]]
+    tok = torch.tensor([[3, 1, 4, 0, 0, 5, 9, 0]])      # EOS = 0 ends a document
+    assert M.doc_ids_from_eos(tok, 0).tolist() == [[0, 0, 0, 0, 1, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("l,d", [(4, 2), (8, 4), (6, 3), (16, 16), (3, 1)])
+def test_compressed_slots_hold_every_documents_blocks(l, d):
+    """Slot ⌊s0/d⌋ + i holds block i of each document; no two blocks share a slot."""
+    T = 97
+    for seed in range(4):
+        ids = random_docs(2, T, seed)
+        ends = M.compressed_block_ends(ids, l, d)
+        start = spec_start(ids)
+        for b in range(2):
+            want = {}
+            for s0 in sorted(set(start[b].tolist())):
+                L = int((start[b] == s0).sum())
+                for i in range(max(0, (L - l) // d + 1)):
+                    slot = s0 // d + i
+                    assert slot not in want
+                    want[slot] = s0 + i * d + l - 1
+            got = {c: e for c, e in enumerate(ends[b].tolist()) if e >= 0}
+            assert got == want
 
 
 @pytest.mark.parametrize("T,G,QB,KB", SIZES)
@@ -60,201 +116,154 @@ def test_causal(T, G, QB, KB):
     check_block_mask(static(M.causal_tiles, M.causal_mask(G), T, G, QB, KB, T), spec)
 
 
+def _doc_tiles(doc_ids, T, G, QB, KB, kv_len):
+    start = M.document_starts(doc_ids)
+    q_lo, q_hi = M.tile_positions(T * G, QB, G)
+    k_lo, k_hi = M.tile_keys(kv_len, KB)
+    return start, q_lo, q_hi, k_lo, k_hi, start[:, q_lo], start[:, q_hi]
+
+
 @pytest.mark.parametrize("T,G,QB,KB", SIZES)
-@pytest.mark.parametrize("lp", [8, 16, 24, 64])
-def test_selected_blocks_from_indices(T, G, QB, KB, lp):
-    B, H, n = 2, 2, 3
-    Ts = -(-T // lp)
-    gen = torch.Generator().manual_seed(T * 100 + lp)
-    idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
-    # only blocks a position may select (j·l' ≤ t), as the operator produces
-    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
-    table = M.selection_table(idx, Ts)
-    spec = torch.zeros(B, H, T * G, T, dtype=torch.bool)
-    for b, h, r in itertools.product(range(B), range(H), range(T * G)):
-        t = r // G
-        for j in idx[b, h, t].tolist():
-            if j >= 0:
-                spec[b, h, r, j * lp: min(t + 1, (j + 1) * lp)] = True
-    a, al = M.selected_tiles(table, lp, G, QB, KB)
-    bm = M.block_mask_from_tiles(a, al, M.selected_mask(table, lp, G), T * G, T, QB, KB, B, H)
+@pytest.mark.parametrize("w", [1, 7, 40])
+def test_sliding_window_in_documents(T, G, QB, KB, w):
+    B = 2
+    ids = random_docs(B, T, seed=T + w)
+    start, q_lo, q_hi, k_lo, k_hi, s_lo, s_hi = _doc_tiles(ids, T, G, QB, KB, T)
+    t = spec_rows(T, G)
+    s = torch.arange(T)
+    spec = ((s[None, :] <= t[:, None]) & (s[None, :] > t[:, None] - w))[None]
+    spec = (spec & (s[None, None, :] >= spec_start(ids)[:, t, None]))[:, None]
+    a1, l1 = M.sliding_window_tiles(w, q_lo, q_hi, k_lo, k_hi)
+    a2, l2 = M.document_tiles(s_lo, s_hi, k_lo, k_hi)
+    bm = M.block_mask_from_tiles(a1 & a2, l1 & l2, M.sliding_window_mask(w, G, start), T * G, T,
+                                 QB, KB, B, 1)
     check_block_mask(bm, spec)
-    # the KV list of a query tile is the union of its positions' blocks, nothing more
-    states = M.tile_states(bm)
-    needed = spec.view(B, H, T * G, T)
-    for m in range(states.shape[2]):
-        rows = needed[:, :, m * QB:(m + 1) * QB]
-        for c in range(states.shape[3]):
-            touched = rows[..., c * KB:(c + 1) * KB].any(-1).any(-1)
-            assert torch.equal(states[:, :, m, c] > 0, touched)
 
 
-# one position per query tile (G divisible by QB): the backward's partial lists are narrow too
-ONE_POSITION_SIZES = [(37, 16, 16, 16), (45, 32, 16, 16), (53, 16, 16, 32), (29, 4, 4, 16)]
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("l,d", [(8, 4), (4, 2), (6, 6)])
+def test_compressed_visibility_in_documents(T, G, QB, KB, l, d):
+    B = 2
+    ids = random_docs(B, T, seed=T * l + d)
+    ends = M.compressed_block_ends(ids, l, d)
+    start, q_lo, q_hi, k_lo, k_hi, s_lo, s_hi = _doc_tiles(ids, T, G, QB, KB, ends.shape[1])
+    st = spec_start(ids)
+    spec = torch.zeros(B, 1, T * G, ends.shape[1], dtype=torch.bool)
+    for b, r, c in itertools.product(range(B), range(T * G), range(ends.shape[1])):
+        t, e = r // G, int(ends[b, c])
+        spec[b, 0, r, c] = e >= 0 and st[b, t] <= e - l + 1 and e <= t   # the block in t's document
+    a, al = M.compressed_document_tiles(ends, q_lo, q_hi, s_lo, s_hi, KB)
+    bm = M.block_mask_from_tiles(a, al, M.compressed_document_mask(ends, start, G), T * G,
+                                 ends.shape[1], QB, KB, B, 1)
+    check_block_mask(bm, spec)
 
 
-@pytest.mark.parametrize("T,G,QB,KB", SIZES + ONE_POSITION_SIZES)
-@pytest.mark.parametrize("lp", [16, 32, 64])
-def test_narrow_selected_lists_equal_the_generic_ones(T, G, QB, KB, lp):
-    """selected_block_mask (narrow KV lists, sorted pairs for the query side) lists the same
-    tiles in the same states as selected_tiles + block_mask_from_tiles, both directions."""
-    if lp % KB:
-        pytest.skip("the narrow builder needs kv_block | l'")
-    B, H, n = 2, 3, 4
-    Ts = -(-T // lp)
-    gen = torch.Generator().manual_seed(T * 7 + lp)
-    idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
-    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
-    idx[1, 2, :, 0] = 0                        # some tiles where every position shares a block
-    idx = torch.sort(idx, -1).values           # distinct blocks per position, as top-n gives
-    idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
-    table = M.selection_table(idx, Ts)
-    a, al = M.selected_tiles(table, lp, G, QB, KB)
-    mm = M.selected_mask(table, lp, G)
-    want = M.block_mask_from_tiles(a, al, mm, T * G, T, QB, KB, B, H)
-    got = M.selected_block_mask(idx, lp, G, QB, KB, mm)
-    for transposed in (False, True):
-        assert torch.equal(M.tile_states(got, transposed), M.tile_states(want, transposed))
-    assert got.kv_indices.shape[-1] == positions_per_tile_w(QB, G, n, lp // KB)
-    Mq = -(-T * G // QB)
-    assert got.q_indices.shape[-1] == Mq
-    narrow = M.selected_block_mask(idx, lp, G, QB, KB, mm, narrow_q=True)
-    assert narrow.q_indices.shape[-1] == (KB * G // QB if G % QB == 0 else Mq)
-    assert narrow.full_q_indices.shape[-1] == Mq
-    padded = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_width=True, narrow_q=True)
-    assert padded.q_indices.shape[-1] == Mq
-    for bm in (got, narrow, padded):
-        assert_row_major(bm)
-    for bm in (narrow, padded):
-        for transposed in (False, True):
-            assert torch.equal(M.tile_states(bm, transposed), M.tile_states(want, transposed))
-        check_block_mask(bm, M.computed_mask(want))
-    check_block_mask(got, M.computed_mask(want))
-
-
-@pytest.mark.parametrize("T,G,QB,KB", SIZES + ONE_POSITION_SIZES)
-@pytest.mark.parametrize("lp", [16, 32])
-def test_selected_lists_without_full_tiles(T, G, QB, KB, lp):
-    """full_tiles=False: the tiles the default lists, all partial, no full lists; FlexAttention
-    computes the same pairs (both directions), the mask_mod evaluated everywhere."""
-    if lp % KB:
-        pytest.skip("the narrow builder needs kv_block | l'")
-    B, H, n = 2, 2, 3
-    Ts = -(-T // lp)
-    idx = random_selection(B, H, T, n, Ts, lp, seed=T + lp)
-    table = M.selection_table(idx, Ts)
-    mm = M.selected_mask(table, lp, G)
-    want = M.selected_block_mask(idx, lp, G, QB, KB, mm)
-    got = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_tiles=False, narrow_q=True)
-    assert got.full_kv_num_blocks is None and got.full_q_indices is None
-    assert got.q_indices.shape[-1] == -(-T * G // QB)     # narrow_q needs full tiles
-    for transposed in (False, True):
-        st = M.tile_states(want, transposed)
-        assert torch.equal(M.tile_states(got, transposed), torch.where(st > 0, PARTIAL, 0).to(st.dtype))
-    check_block_mask(got, M.computed_mask(want))
-    assert_row_major(got)
-    if T * G % (2 * QB) == 0:
-        chunks = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_tiles=False, q_splits=2)
-        assert chunks.full_q_num_blocks is None and chunks.kv_num_blocks.shape[0] == 2 * B
-
-
-@pytest.mark.parametrize("T,G,QB,KB", ONE_POSITION_SIZES)
-@pytest.mark.parametrize("full_tiles", [True, False])
-def test_one_position_tiles_need_only_causality(T, G, QB, KB, full_tiles):
-    """With one position per query tile, the narrow lists hold only that position's selected
-    blocks, so causality alone as the mask_mod (the operator's SEL_CAUSAL_ONLY) computes the
-    same pairs as the selection table's mask_mod. With several positions per tile it does not
-    (a tile lists the union of its positions' blocks)."""
-    lp = 32 if KB <= 32 else KB
-    B, H, n = 2, 2, 3
-    Ts = -(-T // lp)
-    idx = random_selection(B, H, T, n, Ts, lp, seed=T * 3 + G)
-    table = M.selection_table(idx, Ts)
-    want = M.dense_mask(M.selected_mask(table, lp, G), B, H, T * G, T)
-    got = M.selected_block_mask(idx, lp, G, QB, KB, M.causal_mask(G), full_tiles=full_tiles)
-    check_block_mask(got, want)
-    T, G, lp, n = 64, 4, 8, 2                    # two positions per tile: causality is not enough
-    idx = random_selection(1, 1, T, n, T // lp, lp, seed=1)
-    want = M.dense_mask(M.selected_mask(M.selection_table(idx, T // lp), lp, G), 1, 1, T * G, T)
-    several = M.selected_block_mask(idx, lp, G, 2 * G, lp, M.causal_mask(G), full_tiles=full_tiles)
-    assert not torch.equal(M.computed_mask(several), want)
-
-
-def random_selection(B, H, T, n, Ts, lp, seed):
+def random_selection(B, H, T, n, Ts, lp, seed, pos=None):
+    """Distinct candidate block numbers per position (j·l' ≤ t, t counted in its document)."""
     gen = torch.Generator().manual_seed(seed)
+    pos = torch.arange(T) if pos is None else pos                # [T] or [B, T]
     idx = torch.randint(-1, Ts, (B, H, T, n), generator=gen)
-    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
-    idx[:, :, :, 0] = 0                        # the first block serves every position
+    cap = pos[..., None] if pos.dim() == 1 else pos[:, None, :, None]
+    idx = torch.where(idx * lp <= cap, idx, -1)
+    idx[..., 0] = 0                                              # the first block serves every position
     idx = torch.sort(idx, -1).values
     idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
     return idx
 
 
-@pytest.mark.parametrize("T,G,QB,KB,lp,S", [(64, 16, 16, 16, 16, 4), (48, 16, 16, 32, 64, 3),
-                                             (40, 4, 16, 16, 32, 2), (36, 8, 8, 16, 16, 6)])
-@pytest.mark.parametrize("narrow_q", [False, True])
-@pytest.mark.parametrize("full_width", [False, True])
-def test_selected_lists_split_into_query_chunks(T, G, QB, KB, lp, S, narrow_q, full_width):
-    """Chunk c of the split mask (batch entry c·B + b) lists what the unsplit mask lists for
-    its query tiles, the query-side lists numbered within the chunk."""
+def spec_selected(idx, lp, G, starts=None):
+    """[B, H, T·G, T]: key s visible to row r (position t) iff its block, counted from t's
+    document start, is selected and start ≤ s ≤ t."""
+    B, H, T, _ = idx.shape
+    spec = torch.zeros(B, H, T * G, T, dtype=torch.bool)
+    for b, h, r in itertools.product(range(B), range(H), range(T * G)):
+        t = r // G
+        s0 = 0 if starts is None else int(starts[b, t])
+        for j in idx[b, h, t].tolist():
+            if j >= 0:
+                spec[b, h, r, s0 + j * lp: min(t + 1, s0 + (j + 1) * lp)] = True
+    return spec
+
+
+@pytest.mark.parametrize("T,G,QB,KB", SIZES)
+@pytest.mark.parametrize("lp", [16, 24, 32, 64])
+@pytest.mark.parametrize("docs", [False, True])
+def test_selected_lists(T, G, QB, KB, lp, docs):
+    """The builder's lists, read back through the selection table's mask_mod, attend exactly the
+    selected keys; each query tile lists only tiles its positions' blocks touch."""
+    B, H, n = 2, 2, 3
+    ids = random_docs(B, T, seed=T + lp) if docs else None
+    start = M.document_starts(ids) if docs else None
+    pos = None if not docs else torch.arange(T) - spec_start(ids)
+    Ts = -(-T // lp)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T * 7 + lp, pos=pos)
+    mm = M.selected_mask(M.selection_table(idx, Ts), lp, G, start)
+    bm = M.selected_block_mask(idx, lp, G, QB, KB, mm, doc_start=start)
+    spec = spec_selected(idx, lp, G, None if not docs else spec_start(ids))
+    check_block_mask(bm, spec)
+    assert_row_major(bm)
+    if not docs and lp % KB == 0:      # aligned blocks: nothing listed that no position needs
+        states = M.tile_states(bm)
+        for m in range(states.shape[2]):
+            rows = spec[:, :, m * QB:(m + 1) * QB]
+            for c in range(states.shape[3]):
+                touched = rows[..., c * KB:(c + 1) * KB].any(-1).any(-1)
+                assert torch.equal(states[:, :, m, c] > 0, touched)
+
+
+# one position per query tile (G divisible by QB)
+ONE_POSITION_SIZES = [(37, 16, 16, 16), (45, 32, 16, 16), (53, 16, 16, 32), (29, 4, 4, 16)]
+
+
+@pytest.mark.parametrize("T,G,QB,KB", ONE_POSITION_SIZES)
+def test_one_position_tiles_need_only_causality(T, G, QB, KB):
+    """With one position per query tile and blocks aligned to the KV tiles, the lists hold only
+    that position's selected blocks, so causality alone as the mask_mod (the operator's flex
+    route) computes the same pairs as the selection table's. With several positions per tile,
+    or with documents (blocks not aligned to tiles), it does not."""
+    lp = 32 if KB <= 32 else KB
     B, H, n = 2, 2, 3
     Ts = -(-T // lp)
-    idx = random_selection(B, H, T, n, Ts, lp, seed=T + S)
-    table = M.selection_table(idx, Ts)
-    mm = M.selected_mask(table, lp, G)
-    whole = M.selected_block_mask(idx, lp, G, QB, KB, mm, full_width=full_width, narrow_q=narrow_q)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T * 3 + G)
+    got = M.selected_block_mask(idx, lp, G, QB, KB, M.causal_mask(G))
+    check_block_mask(got, spec_selected(idx, lp, G))
+    T, G, lp, n = 64, 4, 8, 2                    # two positions per tile: causality is not enough
+    idx = random_selection(1, 1, T, n, T // lp, lp, seed=1)
+    several = M.selected_block_mask(idx, lp, G, 2 * G, lp, M.causal_mask(G))
+    assert not torch.equal(M.computed_mask(several), spec_selected(idx, lp, G))
+
+
+@pytest.mark.parametrize("T,G,QB,KB,lp,S", [(64, 16, 16, 16, 16, 4), (48, 16, 16, 32, 64, 3),
+                                             (40, 4, 16, 16, 32, 2), (36, 8, 8, 16, 16, 6)])
+@pytest.mark.parametrize("full_width", [False, True])
+@pytest.mark.parametrize("docs", [False, True])
+def test_selected_lists_split_into_query_chunks(T, G, QB, KB, lp, S, full_width, docs):
+    """Chunk c of the split mask (batch entry c·B + b) lists what the unsplit mask lists for
+    its query tiles, the query-side lists numbered within the chunk."""
     from nsa_flex.backends import split_mask_mod
-    split = M.selected_block_mask(idx, lp, G, QB, KB, split_mask_mod(mm, S, T * G // S, B),
-                                  full_width=full_width, narrow_q=narrow_q, q_splits=S)
+    B, H, n = 2, 2, 3
+    ids = random_docs(B, T, seed=T + S) if docs else None
+    start = M.document_starts(ids) if docs else None
+    pos = None if not docs else torch.arange(T) - spec_start(ids)
+    Ts = -(-T // lp)
+    idx = random_selection(B, H, T, n, Ts, lp, seed=T + S, pos=pos)
+    mm = M.selected_mask(M.selection_table(idx, Ts), lp, G, start)
+    whole = M.selected_block_mask(idx, lp, G, QB, KB, mm, start, full_width=full_width)
+    split = M.selected_block_mask(idx, lp, G, QB, KB, split_mask_mod(mm, S, T * G // S, B), start,
+                                  full_width=full_width, q_splits=S)
     rows = -(-T * G // QB) // S
     assert split.kv_num_blocks.shape[:3] == (S * B, H, rows)
+    if full_width:
+        assert split.kv_indices.shape[-1] == -(-T // KB)
     for transposed in (False, True):
         got, want = M.tile_states(split, transposed), M.tile_states(whole, transposed)
         for c in range(S):
             assert torch.equal(got[c * B:(c + 1) * B], want[:, :, c * rows:(c + 1) * rows]), (c, transposed)
     spec = M.computed_mask(whole)                        # [B, H, T·G, T]
-    chunks = torch.cat(spec.chunk(S, dim=2), dim=0)      # the split layout
-    check_block_mask(split, chunks)
-    assert_row_major(split)
+    check_block_mask(split, torch.cat(spec.chunk(S, dim=2), dim=0))
     bad = -(-T * G // QB) + 1                            # more chunks than query tiles
     with pytest.raises(ValueError, match=f"q_splits={bad}"):
         M.selected_block_mask(idx, lp, G, QB, KB, mm, q_splits=bad)
-
-
-def positions_per_tile_w(QB, G, n, R):
-    from masks.selected import positions_per_tile
-    return positions_per_tile(QB, G) * n * R
-
-
-@pytest.mark.parametrize("T,G,QB,KB", SIZES)
-@pytest.mark.parametrize("lp,n_init,n_local", [(8, 1, 2), (16, 1, 1), (16, 0, 2), (8, 2, 0), (24, 1, 3)])
-def test_forced_blocks(T, G, QB, KB, lp, n_init, n_local):
-    """The static part of the selected branch; its tiles skip nothing needed and list nothing
-    unneeded."""
-    spec = torch.zeros(T * G, T, dtype=torch.bool)
-    for r in range(T * G):
-        t = r // G
-        for s in range(t + 1):
-            spec[r, s] = s // lp < n_init or s // lp > t // lp - n_local
-    bm = static(lambda *b: M.forced_blocks_tiles(lp, n_init, n_local, *b),
-                M.forced_blocks_mask(lp, n_init, n_local, G), T, G, QB, KB, T)
-    check_block_mask(bm, spec[None, None])
-    states = M.tile_states(bm)[0, 0]
-    for m, c in itertools.product(range(states.shape[0]), range(states.shape[1])):
-        assert (states[m, c] > 0) == bool(spec[m * QB:(m + 1) * QB, c * KB:(c + 1) * KB].any())
-
-
-def test_forced_blocks_plus_the_rest_is_the_selection():
-    """without_forced drops exactly the blocks that forced_blocks_mask covers."""
-    lp, n_init, n_local, T = 8, 1, 2, 70
-    gen = torch.Generator().manual_seed(3)
-    idx = torch.randint(-1, -(-T // lp), (1, 1, T, 5), generator=gen)
-    idx = torch.where(idx * lp <= torch.arange(T)[:, None], idx, -1)
-    rest = M.without_forced(idx, lp, n_init, n_local)
-    for t in range(T):
-        cur = t // lp
-        kept = {j for j in rest[0, 0, t].tolist() if j >= 0}
-        assert kept == {j for j in idx[0, 0, t].tolist() if j >= n_init and cur - n_local >= j >= 0}
 
 
 def test_selection_table_ignores_unused_slots():
@@ -262,22 +271,11 @@ def test_selection_table_ignores_unused_slots():
     assert M.selection_table(idx, 4).tolist() == [[[[True, False, True, False]]]]
 
 
-@pytest.mark.parametrize("T,G,QB,KB", SIZES[:3])
-def test_document_composition(T, G, QB, KB):
-    gen = torch.Generator().manual_seed(T)
-    cuts = torch.sort(torch.randint(1, T, (3,), generator=gen)).values
-    doc = (torch.arange(T)[:, None] >= cuts[None, :]).sum(-1)[None]          # [1, T]
-    w = 9
-    t = spec_rows(T, G)
-    spec = ((torch.arange(T)[None, :] <= t[:, None]) & (torch.arange(T)[None, :] > t[:, None] - w)
-            & (doc[0][t][:, None] == doc[0][None, :]))[None, None]
-    q_lo, q_hi = M.tile_positions(T * G, QB, G)
-    k_lo, k_hi = M.tile_keys(T, KB)
-    a1, l1 = M.sliding_window_tiles(w, q_lo, q_hi, k_lo, k_hi)
-    a2, l2 = M.document_tiles(doc, q_lo, q_hi, k_lo, k_hi)
-    mm = M.and_document(M.sliding_window_mask(w, G), doc, G)
-    bm = M.block_mask_from_tiles(a1 & a2, l1 & l2, mm, T * G, T, QB, KB, 1, 1)
-    check_block_mask(bm, spec)
+def test_forced_blocks_rule():
+    """The n_init first blocks and the n_local ending at the current one (given j ≤ cur)."""
+    got = [bool(M.is_forced(torch.tensor(j), torch.tensor(5), 1, 2)) for j in range(6)]
+    assert got == [True, False, False, False, True, True]
+    assert not any(bool(M.is_forced(torch.tensor(j), torch.tensor(5), 0, 0)) for j in range(6))
 
 
 def test_pack_unpack_roundtrip():
@@ -286,6 +284,17 @@ def test_pack_unpack_roundtrip():
     assert p.shape == (2, 2, 28, 5)
     assert torch.equal(p[1, 1, 3 * 4 + 2], x[1, 3, 1 * 4 + 2])   # row t·G + g of KV head k
     assert torch.equal(M.unpack_gqa(p, 7), x)
+
+
+def test_split_rows_is_a_view_at_batch_one_and_merges_back():
+    x = torch.randn(1, 3, 24, 5)
+    s = M.split_rows(x, 4)
+    assert s.shape == (4, 3, 6, 5) and s.data_ptr() == x.data_ptr()
+    assert torch.equal(s[2, 1], x[0, 1, 12:18])
+    assert torch.equal(M.merge_rows(s, 4), x)
+    y = torch.randn(2, 3, 24, 5)
+    assert torch.equal(M.split_rows(y, 4)[2 * 2 + 1], y[1, :, 12:18])
+    assert torch.equal(M.merge_rows(M.split_rows(y, 4), 4), y)
 
 
 def test_block_mask_lists_equal_torchs_own():
@@ -319,30 +328,35 @@ def assert_row_major(bm):
                  "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         if getattr(bm, name) is None:    # a mask without full tiles
             continue
-        assert getattr(bm, name).is_contiguous(), name
         assert getattr(bm, name).stride()[-1] == 1, name
 
 
-def _selected_lists(idx, lp, G, QB, KB, narrow_q, S):
+def _selected_lists(idx, lp, G, QB, KB, S, start):
     table = M.selection_table(idx, -(-idx.shape[2] // lp))
-    bm = M.selected_block_mask(idx, lp, G, QB, KB, M.selected_mask(table, lp, G), narrow_q=narrow_q,
+    bm = M.selected_block_mask(idx, lp, G, QB, KB, M.selected_mask(table, lp, G, start), start,
                                q_splits=S)
-    return (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+    return bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("narrow_q", [False, True])
-def test_selected_lists_compiled_equal_eager(device, narrow_q):
+@pytest.mark.parametrize("docs", [False, True])
+def test_selected_lists_compiled_equal_eager(device, docs):
     """The builder compiled by Inductor (as inside the operator's graph) lists what it lists
     eagerly: the counts, and each list up to its count. (On a GPU this separates a miscompiled
     mask build from a kernel reading good lists wrongly.)"""
     T, G, QB, KB, lp, n, S = 512, 16, 16, 32, 64, 6, 4
-    idx = random_selection(1, 2, T, n, -(-T // lp), lp, seed=3).to(device)
-    want = _selected_lists(idx, lp, G, QB, KB, narrow_q, S)
+    ids = random_docs(1, T, seed=5).to(device) if docs else None
+    start = M.document_starts(ids) if docs else None
+    pos = None if not docs else (torch.arange(T) - spec_start(ids.cpu())).to(device)
+    idx = random_selection(1, 2, T, n, -(-T // lp), lp, seed=3, pos=None if pos is None else pos.cpu())
+    idx = idx.to(device)
+    want = _selected_lists(idx, lp, G, QB, KB, S, start)
+    if device == "cuda":   # as the operator's compile does (torch 2.11 needs the codegen fix)
+        from nsa_flex import patches
+        patches.install()
     torch._dynamo.reset()
-    got = torch.compile(_selected_lists, fullgraph=True, dynamic=False)(idx, lp, G, QB, KB, narrow_q, S)
-    for k in range(0, 8, 2):
+    got = torch.compile(_selected_lists, fullgraph=True, dynamic=False)(idx, lp, G, QB, KB, S, start)
+    for k in range(0, 4, 2):
         (wn, wi), (gn, gi) = want[k:k + 2], got[k:k + 2]
         assert torch.equal(gn, wn), k
         assert gi.shape == wi.shape, k
