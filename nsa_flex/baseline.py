@@ -32,11 +32,15 @@ class DenseArgs(TransformerModelArgs):
 
 
 def dense_args(flavor: str) -> DenseArgs:
+    """llama3's args at the dims, RoPE and document mask of the nsa flavor ``flavor``
+    (documents through FlexAttention's block-causal mask, as llama3 does them)."""
     a = nsa_flavors[flavor]
+    docs = a.attn_mask_type == "block_causal"
     return DenseArgs(
         dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
         multiple_of=a.multiple_of, ffn_dim_multiplier=a.ffn_dim_multiplier, norm_eps=a.norm_eps,
-        rope_theta=a.rope_theta, max_seq_len=a.max_seq_len)
+        rope_theta=a.rope_theta, rope_scaling_args=a.rope_scaling_args, max_seq_len=a.max_seq_len,
+        attn_type="flex" if docs else "sdpa", attn_mask_type=a.attn_mask_type)
 
 
 def get_train_spec() -> TrainSpec:

@@ -1,41 +1,38 @@
 """The ``[nsa]`` TOML section (and ``--nsa.*`` flags) of torchtitan's JobConfig.
 
 Enable it with ``[job] custom_config_module = "nsa_flex.job_config"`` (the configs in
-``configs/`` do) or ``--job.custom_config_module nsa_flex.job_config``. Every field left unset
-keeps the flavor's value; the values are applied and checked in
-``NSAModelArgs.update_from_config`` before the model is built.
+``configs/`` do) or ``--job.custom_config_module nsa_flex.job_config``. Its fields are made from
+NSAConfig's and from NSAModelArgs' NSA options (declared there, with their help), plus
+``vocab_size``; every field left unset keeps the flavor's value. The values are applied and
+checked in ``NSAModelArgs.update_from_config`` before the model is built.
 """
 
+import dataclasses
+from dataclasses import dataclass, field, make_dataclass
+from typing import Annotated
 
-from dataclasses import dataclass, field
+import tyro
+
+from nsa_flex.config import NSAConfig
+
+MODEL_OPTIONS = ("kv_mode", "cmp_hidden", "gate_init", "attn_mask_type")
 
 
-@dataclass
-class NSA:
-    cmp_block: int | None = None
-    """l: compression block length (NSA_SPEC default 32)."""
-    cmp_stride: int | None = None
-    """d: compression stride; divides l and l' (default 16)."""
-    sel_block: int | None = None
-    """l': selection block length, l <= l' (default 64)."""
-    sel_topn: int | None = None
-    """n: selected blocks per query, forced ones included (default 16)."""
-    n_init: int | None = None
-    """Forced initial selection blocks (default 1)."""
-    n_local: int | None = None
-    """Forced local selection blocks (default 2)."""
-    window: int | None = None
-    """w: sliding window including the query (default 512)."""
-    scale: float | None = None
-    """Softmax scale of all branches (default 1/sqrt(Dk))."""
-    kv_mode: str | None = None
-    """'separate' (paper: own k/v projections per branch) or 'shared' (one k/v for all)."""
-    cmp_hidden: int | None = None
-    """Hidden size of the compression MLP φ (default: the flavor's, else l*D/2)."""
-    gate_init: float | None = None
-    """Initial value of every gate, in (0, 1) (default 1/3)."""
-    vocab_size: int | None = None
-    """Embedding rows; default: the tokenizer's vocabulary size."""
+def _section_fields():
+    from nsa_flex.model.args import NSAModelArgs
+
+    model_fields = {f.name: f for f in dataclasses.fields(NSAModelArgs)}
+    out = []
+    for f in list(dataclasses.fields(NSAConfig)) + [model_fields[n] for n in MODEL_OPTIONS]:
+        base = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        help_ = f.metadata.get("help", "") + " (default: the flavor's)"
+        out.append((f.name, Annotated[base | None, tyro.conf.arg(help=help_)], field(default=None)))
+    out.append(("vocab_size", Annotated[int | None, tyro.conf.arg(
+        help="embedding rows (default: the tokenizer's vocabulary size)")], field(default=None)))
+    return out
+
+
+NSA = make_dataclass("NSA", _section_fields())
 
 
 @dataclass

@@ -12,16 +12,16 @@ from torchtitan.config import JobConfig  # noqa: E402
 
 from nsa_flex.job_config import NSA  # noqa: E402
 from nsa_flex.model import NSAConfigError, NSAModelArgs, NSATransformer, nsa_flavors  # noqa: E402
-from nsa_flex.model.args import attended_keys_per_query  # noqa: E402
-from nsa_flex.model.model import apply_rotary_emb, precompute_freqs_cis  # noqa: E402
+from nsa_flex.model.args import attended_keys_per_query, replace  # noqa: E402
 
 
 def tiny_args(**kw) -> NSAModelArgs:
+    """NSAModelArgs of a tiny model; NSAConfig fields may be given by name."""
     base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
                 cmp_block=8, cmp_stride=4, sel_block=8, sel_topn=3, n_init=1, n_local=1,
                 window=8, cmp_hidden=16, max_seq_len=64)
     base.update(kw)
-    return NSAModelArgs(**base)
+    return replace(NSAModelArgs(), **base)
 
 
 def build(args: NSAModelArgs, seed: int = 0) -> NSATransformer:
@@ -128,30 +128,71 @@ def test_compression_reads_keys_before_rope():
     assert torch.equal(seen["k"], seen["wk"].view(1, 32, 2, 8))
 
 
-def test_rope_matches_llama3_without_scaling():
-    from torchtitan.models.llama3.model.model import apply_rotary_emb as llama_rope
+def test_llama3_pieces_are_reused_not_copied():
+    """Feed-forward, block, transformer and RoPE are torchtitan's llama3 (with the same RoPE
+    arguments as the llama3_dense baseline)."""
+    from torchtitan.models.llama3.model import model as llama
 
-    freqs = precompute_freqs_cis(8, 16, theta=10000.0)
-    q, k = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8)
-    lq, _ = llama_rope(q, q, freqs)
-    lk, _ = llama_rope(k, k, freqs)
-    assert torch.allclose(apply_rotary_emb(q, freqs), lq)
-    assert torch.allclose(apply_rotary_emb(k, freqs), lk)
-    pos = torch.arange(16).flip(0)[None]
-    assert torch.allclose(apply_rotary_emb(q, freqs, pos), llama_rope(q, q, freqs, pos)[0])
+    from nsa_flex.model import model as nsa
+    m = build(tiny_args())
+    assert isinstance(m, llama.Transformer) and isinstance(m.layers["0"], llama.TransformerBlock)
+    assert type(m.layers["0"].feed_forward) is llama.FeedForward
+    assert nsa.apply_rotary_emb is llama.apply_rotary_emb
+    want = llama.precompute_freqs_cis(8, 64, 10000.0, tiny_args().rope_scaling_args)
+    assert torch.equal(m.freqs_cis, want)
 
 
-def test_get_attention_masks_raises_type_error():
+def test_get_attention_masks_is_a_type_error_under_causal():
     model = build(tiny_args())
     with pytest.raises(TypeError):
         model.get_attention_masks(torch.zeros(1, 8, dtype=torch.long), tokenizer=None)
 
 
+class _Tok:
+    eos_id = 3
+
+
+def test_block_causal_packed_batch_equals_each_document_alone():
+    """Logits of a packed batch (documents ending at EOS) equal the logits of each document run
+    alone: the same weights, fp32 on CPU; documents shorter than a compression block, of one
+    token, and longer than the window; RoPE positions restart in each document."""
+    args = tiny_args(attn_mask_type="block_causal", max_seq_len=256)
+    model = build(args, seed=3)
+    for m in model.modules():                       # all three branches matter
+        if hasattr(m, "gate") and isinstance(m.gate, torch.nn.Linear):
+            torch.nn.init.normal_(m.gate.weight, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    rows = [[5, 1, 40, 17, 30], [60, 2, 31]]
+    docs = [[torch.randint(4, 64, (L,), generator=g) for L in row] for row in rows]
+    for row in docs:
+        for d in row:
+            d[-1] = _Tok.eos_id
+    tokens = torch.stack([torch.cat(row) for row in docs])
+    ids = model.get_attention_masks(tokens, _Tok())
+    assert ids.shape == tokens.shape
+    with torch.no_grad():
+        packed = model(tokens, attention_masks=ids)
+        alone = torch.stack([torch.cat([model(d[None])[0] for d in row]) for row in docs])
+    assert ((packed - alone).norm() / alone.norm()).item() < 1e-5
+    # without the masks the documents leak into each other
+    with torch.no_grad():
+        leaky = model(tokens)
+    assert ((leaky - alone).norm() / alone.norm()).item() > 1e-3
+
+
+def test_block_causal_needs_an_eos_token():
+    class NoEos:
+        eos_id = None
+    model = build(tiny_args(attn_mask_type="block_causal"))
+    with pytest.raises(ValueError, match="needs a tokenizer with an EOS"):
+        model.get_attention_masks(torch.zeros(1, 8, dtype=torch.long), NoEos())
+
+
 def test_flops_formula_hand_count():
     # dim 16, 1 layer, Hq 2, Hkv 1, Dk = Dv = 8, vocab 32, shared k/v, l=4 d=2 l'=4 n=2 w=3, φ hidden 6
-    args = NSAModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, multiple_of=16,
-                        kv_mode="shared", cmp_block=4, cmp_stride=2, sel_block=4, sel_topn=2,
-                        n_init=1, n_local=1, window=3, cmp_hidden=6, max_seq_len=16)
+    args = tiny_args(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, multiple_of=16,
+                     kv_mode="shared", cmp_block=4, cmp_stride=2, sel_block=4, sel_topn=2,
+                     n_init=1, n_local=1, window=3, cmp_hidden=6, max_seq_len=16)
     model = NSATransformer(args)
     # parameters, by hand
     emb = 32 * 16
@@ -192,8 +233,11 @@ def test_update_from_config_applies_nsa_section_and_seq_len():
     jc = job_config(training=dict(seq_len=512), validation=dict(enable=True, seq_len=1024))
     jc.nsa.window = 128
     jc.nsa.kv_mode = "shared"
+    jc.nsa.attn_mask_type = "block_causal"
     args.update_from_config(jc, tokenizer_vocab_size=300)
-    assert (args.window, args.kv_mode, args.vocab_size, args.max_seq_len) == (128, "shared", 300, 1024)
+    assert (args.nsa.window, args.kv_mode, args.vocab_size, args.max_seq_len) == (128, "shared", 300, 1024)
+    assert args.attn_mask_type == "block_causal" and args.attn_type == "flex"
+    assert nsa_flavors["debug"].nsa.window == 64            # the flavor itself is not changed
     # an explicit vocabulary smaller than the tokenizer's is refused
     args = copy.deepcopy(nsa_flavors["debug"])
     jc.nsa.vocab_size = 100
@@ -207,20 +251,35 @@ def test_update_from_config_applies_nsa_section_and_seq_len():
     (dict(cmp_stride=3), {}, "must divide cmp_block"),
     (dict(cmp_block=16, cmp_stride=4, sel_block=8), {}, "must not exceed sel_block"),
     (dict(sel_block=10, cmp_stride=4), {}, "must divide sel_block"),
-    (dict(sel_topn=2, n_init=1, n_local=2), {}, "forced blocks exceed"),
+    (dict(sel_topn=2, n_init=1, n_local=2), {}, "sel_topn n=2 must be at least n_init \\+ n_local = 3"),
     (dict(kv_mode="both"), {}, "kv_mode='both'"),
     (dict(gate_init=1.0), {}, "gate_init"),
     (dict(window=0), {}, "window=0"),
+    (dict(attn_mask_type="document"), {}, "attn_mask_type='document'"),
     ({}, dict(parallelism=dict(tensor_parallel_degree=4)), "tensor_parallel_degree=4 must divide"),
     ({}, dict(parallelism=dict(context_parallel_degree=2)), "context parallelism"),
     ({}, dict(training=dict(seq_len=4)), "training.seq_len=4 is shorter than"),
     ({}, dict(validation=dict(enable=True, seq_len=4)), "validation.seq_len=4"),
 ])
 def test_bad_configs_fail_with_clear_errors(changes, sections, message):
-    args = tiny_args(**changes)
+    nsa_fields = {"cmp_block", "cmp_stride", "sel_block", "sel_topn", "n_init", "n_local", "window"}
     jc = job_config(**({"training": dict(seq_len=64)} | sections))
+    for k in list(changes):            # NSA fields arrive through the [nsa] section
+        if k in nsa_fields:
+            setattr(jc.nsa, k, changes.pop(k))
+    args = tiny_args(**changes)
     with pytest.raises(NSAConfigError, match=message):
         args.update_from_config(jc, tokenizer_vocab_size=64)
+
+
+def test_nsa_fields_are_declared_once():
+    """The [nsa] section's fields are NSAConfig's and the model's NSA options, with help."""
+    import dataclasses
+    from nsa_flex import NSAConfig
+    names = [f.name for f in dataclasses.fields(NSA)]
+    assert names == [f.name for f in dataclasses.fields(NSAConfig)] + [
+        "kv_mode", "cmp_hidden", "gate_init", "attn_mask_type", "vocab_size"]
+    assert all(f.default is None for f in dataclasses.fields(NSA))
 
 
 def test_nsa_section_override_is_checked():
@@ -243,8 +302,9 @@ def test_llama3_dense_baseline_takes_the_flavor_dims_and_the_tokenizer_vocabular
     for flavor in ("debug", "100m", "1b"):
         a, d = nsa_flavors[flavor], baseline.dense_args(flavor)
         assert (d.dim, d.n_layers, d.n_heads, d.n_kv_heads, d.multiple_of, d.ffn_dim_multiplier,
-                d.rope_theta) == (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.multiple_of,
-                                  a.ffn_dim_multiplier, a.rope_theta)
+                d.rope_theta, d.rope_scaling_args, d.attn_mask_type) == (
+            a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.multiple_of, a.ffn_dim_multiplier,
+            a.rope_theta, a.rope_scaling_args, a.attn_mask_type)
     d = baseline.dense_args("debug")
     d.update_from_config(job_config(training=dict(seq_len=256)))
     assert d.vocab_size == 1234 and d.max_seq_len == 256

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from nsa_flex.kernels import KernelConfig
+
 pytest.importorskip("matplotlib")
 pytest.importorskip("torchtitan")
 
@@ -199,9 +201,10 @@ def random_head(T=300, Hq=4, Hkv=2, Dk=16, seed=0):
 def test_analysis_reproduces_the_operator():
     T, G = 300, 2
     q, k, v, kc, vc, gates = random_head(T)
-    _, idx_op = op._nsa(q, k, v, kc, vc, gates, CFG, None, None, True, use_flex=False)  # [1,T,Hkv,n]
+    dense = KernelConfig("dense")
+    _, idx_op = op._nsa(q, k, v, kc, vc, gates, CFG, None, None, True, dense)  # [1,T,Hkv,n]
     qp_all = op.pack_gqa(q, 2)
-    _, lse_op = op.compressed_branch(qp_all, kc, vc, CFG, G, CFG.softmax_scale(16), use_flex=False)
+    _, lse_op = op.compressed_branch(qp_all, kc, vc, CFG, G, CFG.softmax_scale(16), dense)
     for h in range(2):
         hi = A.head_inputs(q, kc, gates, CFG, h)
         lse = A.compressed_lse(hi.qp, hi.k_cmp, CFG, G, hi.scale, max_elems=1000)  # many chunks
@@ -321,38 +324,25 @@ def test_needle_input():
     assert tok.decode(seq.tokens[-12:]).rstrip().endswith("passkey is")
 
 
-@pytest.mark.parametrize("sel_q_block", [None, 64, 16])
-@pytest.mark.parametrize("narrow", [0, 1])
-@pytest.mark.parametrize("full_tiles", [0, 1])
-def test_tiles_are_the_operators(sel_q_block, narrow, full_tiles, monkeypatch):
-    """The tiles picture reads the BlockMask the operator builds (its tile sizes and states),
-    whatever the selected branch's query tile and list builder; the states equal the narrow
-    builder's and the generic tile classification's (with SEL_FULL_TILES=0 the narrow builder
-    marks the generic route's full tiles partial)."""
-    from masks import block_mask_from_tiles, selected_tiles
-    from masks.readback import PARTIAL, tile_states
-    from masks.selected_lists import selected_block_mask
-    from nsa_flex import tuning
-    monkeypatch.setattr(tuning, "SEL_Q_BLOCK", sel_q_block)
-    monkeypatch.setattr(tuning, "SEL_NARROW_LISTS", narrow)
-    monkeypatch.setattr(tuning, "SEL_FULL_TILES", full_tiles)
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_tiles_are_the_operators(G):
+    """The tiles picture reads the BlockMask the operator's flex backend builds for the selected
+    branch (its tile sizes and states), and the pairs it attends are the selection's."""
+    from masks.readback import tile_states
+    from nsa_flex.kernels import flex_kernel
     cfg = NSAConfig(cmp_block=16, cmp_stride=8, sel_block=32, sel_topn=3, window=40)
-    T, G = 200, 4
+    T = 200
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, cfg.num_sel_blocks(T), (1, 1, T, cfg.sel_topn), generator=g)
     idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1).int()
     idx = torch.sort(idx, -1).values
     idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
     table4 = selection_table(idx, cfg.num_sel_blocks(T))
-    qb, kb = tuning.sel_q_block(), op._sel_kv_block(cfg)
-    mask_mod = selected_mask(table4, cfg.sel_block, G)
-    viz = A.selected_block_mask(idx, table4, cfg, G)
-    ours = selected_block_mask(idx, cfg.sel_block, G, qb, kb, mask_mod, full_width=True,
-                               full_tiles=bool(full_tiles or not narrow))   # as the viz's route
-    generic = tile_states(block_mask_from_tiles(*selected_tiles(table4, cfg.sel_block, G, qb, kb),
-                                                mask_mod, T * G, T, qb, kb, 1, 1))
-    if narrow and not full_tiles:
-        generic = torch.where(generic > 0, PARTIAL, 0).to(generic.dtype)
-    assert viz.BLOCK_SIZE == (qb, kb)
+    tiles = flex_kernel(torch.bfloat16, 64, 64, cfg).slc
+    mask_mod = op.selected_mask_mod(idx, cfg, G, flex_kernel(torch.bfloat16, 64, 64, cfg))
+    ours = op.selected_block_mask_of(idx, mask_mod, cfg, G, tiles)(1)
+    viz = A.selected_block_mask(idx, table4, cfg, G, 64)
+    assert viz.BLOCK_SIZE == ours.BLOCK_SIZE == (tiles.q_block, tiles.kv_block)
     assert torch.equal(tile_states(viz), tile_states(ours))
-    assert torch.equal(tile_states(viz), generic)
+    want = dense_mask(selected_mask(table4, cfg.sel_block, G), 1, 1, T * G, T)
+    assert torch.equal(computed_mask(viz), want) and torch.equal(computed_mask(ours), want)

@@ -43,8 +43,8 @@ from torchtitan.models.llama3.infra.parallelize import (
 )
 from torchtitan.tools.logging import logger
 
+from nsa_flex import patches
 from nsa_flex.cpu import has_accelerator
-from nsa_flex.operator import prepare_flash
 
 NSA_COLWISE = ("gate", "wk_cmp", "wv_cmp", "wk_swa", "wv_swa")
 NSA_REPLICATED = ("compress_k", "compress_v")
@@ -109,8 +109,8 @@ def parallelize_nsa(model: nn.Module, parallel_dims: ParallelDims, job_config: J
                  op_sac_save_list=_op_sac_save_list,
                  base_folder=job_config.job.dump_folder)
     if model_compile_enabled:
-        if torch.cuda.is_available():   # (the operator's own checks, before the model's compile)
-            prepare_flash(torch.device("cuda", torch.cuda.current_device()))
+        if torch.cuda.is_available():   # the Inductor patches the operator's kernels need
+            patches.install()
         apply_compile(model, job_config.compile)
 
     if parallel_dims.fsdp_enabled:

@@ -1,88 +1,66 @@
 """Arguments of the NSA transformer (torchtitan ``BaseModelArgs`` style).
 
-One dataclass, :class:`NSAModelArgs`, holds the llama3-style architecture plus every field of
-``NSAConfig`` and the model options of NSA (separate or shared keys/values per branch, the size
-of the compression MLP, the initial gate value). ``update_from_config`` applies the ``[nsa]``
-TOML section (see ``nsa_flex.job_config``), the training sequence length, the tokenizer's
-vocabulary size, and checks everything that can be checked before the model is built, so that
-bad configurations stop at start with a message that says what to change.
+One dataclass, :class:`NSAModelArgs`: llama3's architecture fields, the operator's
+:class:`~nsa_flex.config.NSAConfig` (``nsa``, the one declaration of NSA's fields), and NSA's
+model options (keys/values per branch, the compression MLP's size, the initial gate value, the
+document mask). ``update_from_config`` applies the ``[nsa]`` TOML section (nsa_flex/job_config.py),
+the training sequence length and the tokenizer's vocabulary, and checks everything before the
+model is built, so that a bad configuration stops at start with a message saying what to change.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from torchtitan.config import JobConfig
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.tools.logging import logger
 
-KV_MODES = ("separate", "shared")
+from nsa_flex.compression import num_cmp_blocks
+from nsa_flex.config import NSAConfig
 
-# Fields of the ``[nsa]`` TOML section that override the flavor's values (None = keep).
-OVERRIDABLE_FIELDS = (
-    "cmp_block", "cmp_stride", "sel_block", "sel_topn", "n_init", "n_local", "window", "scale",
-    "kv_mode", "cmp_hidden", "gate_init", "vocab_size",
-)
+KV_MODES = ("separate", "shared")
+ATTN_MASK_TYPES = ("causal", "block_causal")
 
 
 class NSAConfigError(ValueError):
     """A configuration the NSA model cannot run with."""
 
 
-def num_cmp_blocks(seq_len: int, block: int, stride: int) -> int:
-    """Tc = max(0, floor((T - l) / d) + 1): complete compression blocks in T tokens."""
-    return 0 if seq_len < block else (seq_len - block) // stride + 1
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class NSAModelArgs(BaseModelArgs):
-    # -- llama3-style decoder -------------------------------------------------------------
+    # -- llama3's decoder -----------------------------------------------------------------
     dim: int = 2048
     n_layers: int = 16
     n_heads: int = 32
     n_kv_heads: int | None = None
-    head_dim: int | None = None
-    """Query/key head dim Dk; None: dim // n_heads."""
-    v_head_dim: int | None = None
-    """Value head dim Dv; None: the same as head_dim."""
-    vocab_size: int | None = None
-    """None: taken from the tokenizer at start (see ``update_from_config``)."""
+    head_dim: int | None = None          # query/key head dim Dk; None: dim // n_heads
+    v_head_dim: int | None = None        # value head dim Dv; None: head_dim
+    vocab_size: int | None = None        # None: the tokenizer's, at start
     multiple_of: int = 256
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling_args: RoPEScalingArgs = field(default_factory=RoPEScalingArgs)
     max_seq_len: int = 131072
     depth_init: bool = True
 
-    # -- NSAConfig (NSA_SPEC.md) ----------------------------------------------------------
-    cmp_block: int = 32
-    """l: compression block length."""
-    cmp_stride: int = 16
-    """d: compression stride (divides l and l')."""
-    sel_block: int = 64
-    """l': selection block length (l <= l')."""
-    sel_topn: int = 16
-    """n: selected blocks per query, forced ones included."""
-    n_init: int = 1
-    """Forced initial selection blocks."""
-    n_local: int = 2
-    """Forced local selection blocks (the current one and the ones before it)."""
-    window: int = 512
-    """w: sliding window, including the query."""
-    scale: float | None = None
-    """Softmax scale of all three branches; None: 1/sqrt(Dk)."""
-
-    # -- NSA model options -----------------------------------------------------------------
-    kv_mode: str = "separate"
-    """'separate': each branch has its own key/value projections (paper, §3.3.3);
-    'shared': one key/value projection feeds all three branches."""
-    cmp_hidden: int | None = None
-    """Hidden size of the compression MLP φ; None: l * D / 2 (Compression's default)."""
-    gate_init: float = 1.0 / 3.0
-    """Initial value of every gate: the gate bias starts at logit(gate_init), the gate weight
-    at zero, so the first forward mixes the three branches with equal weights that sum to 1."""
+    # -- NSA -------------------------------------------------------------------------------
+    nsa: NSAConfig = field(default_factory=NSAConfig)
+    kv_mode: str = _opt("separate", "'separate': each branch has its own key/value projections "
+                        "(paper §3.3.3); 'shared': one key/value projection feeds all three")
+    cmp_hidden: int | None = _opt(None, "hidden size of the compression MLP φ; None: l·Dk/2")
+    gate_init: float = _opt(1.0 / 3.0, "initial value of every gate, in (0, 1): the first forward "
+                            "averages the three branches")
+    attn_mask_type: str = _opt("causal", "'causal': one document per sequence; 'block_causal': "
+                               "documents end at the tokenizer's EOS and every branch stays inside")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -97,12 +75,11 @@ class NSAModelArgs(BaseModelArgs):
     def value_head_dim(self) -> int:
         return self.v_head_dim if self.v_head_dim is not None else self.qk_head_dim
 
-    def nsa_config_kwargs(self) -> dict:
-        return dict(
-            cmp_block=self.cmp_block, cmp_stride=self.cmp_stride, sel_block=self.sel_block,
-            sel_topn=self.sel_topn, n_init=self.n_init, n_local=self.n_local,
-            window=self.window, scale=self.scale,
-        )
+    @property
+    def attn_type(self) -> str:
+        """torchtitan's trainer asks a model with attn_type "flex" for its attention masks
+        (get_attention_masks): here the document ids under "block_causal"."""
+        return "flex" if self.attn_mask_type == "block_causal" else "nsa"
 
     # -- checks ----------------------------------------------------------------------------
     def validate(self, tp_degree: int = 1) -> None:
@@ -121,9 +98,8 @@ class NSAModelArgs(BaseModelArgs):
         if not isinstance(kvh, int) or kvh < 1:
             errs.append(f"n_kv_heads={self.n_kv_heads!r} must be a positive integer")
         elif ok_heads and self.n_heads % kvh:
-            errs.append(
-                f"n_heads={self.n_heads} is not divisible by n_kv_heads={kvh} "
-                f"(G = n_heads / n_kv_heads must be a whole number)")
+            errs.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={kvh} "
+                        f"(G = n_heads / n_kv_heads must be a whole number)")
         if ok_heads and self.head_dim is None and self.dim % self.n_heads:
             errs.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                         f"set head_dim explicitly or change dim/n_heads")
@@ -133,74 +109,66 @@ class NSAModelArgs(BaseModelArgs):
             errs.append(f"v_head_dim={self.v_head_dim!r} must be >= 1")
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             errs.append(f"vocab_size={self.vocab_size!r} must be a positive integer or None")
-
-        blocks_ok = all([positive("cmp_block"), positive("cmp_stride"), positive("sel_block"),
-                         positive("sel_topn"), positive("n_init", 0), positive("n_local", 0),
-                         positive("window")])
-        if blocks_ok:
-            l, d, lp = self.cmp_block, self.cmp_stride, self.sel_block
-            if l % d:
-                errs.append(f"cmp_stride d={d} must divide cmp_block l={l} (NSA_SPEC: d divides l)")
-            if lp % d:
-                errs.append(f"cmp_stride d={d} must divide sel_block l'={lp} (NSA_SPEC: d divides l')")
-            if l > lp:
-                errs.append(f"cmp_block l={l} must not exceed sel_block l'={lp} (NSA_SPEC: l <= l')")
-            if self.n_init + self.n_local > self.sel_topn:
-                errs.append(
-                    f"n_init={self.n_init} + n_local={self.n_local} forced blocks exceed "
-                    f"sel_topn n={self.sel_topn} (the forced blocks count towards n)")
-        if self.scale is not None and not (isinstance(self.scale, (int, float)) and self.scale > 0):
-            errs.append(f"scale={self.scale!r} must be a positive number or None (1/sqrt(Dk))")
+        if not isinstance(self.nsa, NSAConfig):
+            errs.append(f"nsa={self.nsa!r} must be an NSAConfig")
         if self.kv_mode not in KV_MODES:
             errs.append(f"kv_mode={self.kv_mode!r} must be one of {KV_MODES}")
+        if self.attn_mask_type not in ATTN_MASK_TYPES:
+            errs.append(f"attn_mask_type={self.attn_mask_type!r} must be one of {ATTN_MASK_TYPES}")
         if self.cmp_hidden is not None and (not isinstance(self.cmp_hidden, int) or self.cmp_hidden < 1):
             errs.append(f"cmp_hidden={self.cmp_hidden!r} must be a positive integer or None")
         if not (isinstance(self.gate_init, (int, float)) and 0.0 < self.gate_init < 1.0):
             errs.append(f"gate_init={self.gate_init!r} must lie strictly between 0 and 1 "
                         f"(it is a sigmoid output)")
-
         if tp_degree > 1 and ok_heads and isinstance(kvh, int) and kvh >= 1:
             if self.n_heads % tp_degree or kvh % tp_degree:
-                errs.append(
-                    f"tensor_parallel_degree={tp_degree} must divide both n_heads={self.n_heads} "
-                    f"and n_kv_heads={kvh} (TP shards whole KV head groups)")
-        if not errs:
-            from nsa_flex.config import NSAConfig  # the operator's own checks, if it adds any
-
-            try:
-                NSAConfig(**self.nsa_config_kwargs())
-            except (TypeError, ValueError) as e:
-                errs.append(str(e))
+                errs.append(f"tensor_parallel_degree={tp_degree} must divide both n_heads="
+                            f"{self.n_heads} and n_kv_heads={kvh} (TP shards whole KV head groups)")
         if errs:
             raise NSAConfigError("invalid NSA model configuration:\n  - " + "\n  - ".join(errs))
 
     def check_seq_len(self, seq_len: int, what: str = "training.seq_len") -> None:
         """The model needs at least one complete compression block in a sequence."""
-        if not isinstance(seq_len, int) or seq_len < self.cmp_block:
+        l = self.nsa.cmp_block
+        if not isinstance(seq_len, int) or seq_len < l:
             raise NSAConfigError(
-                f"{what}={seq_len} is shorter than the compression block cmp_block={self.cmp_block}: "
-                f"the compressed branch would see no block and selection would have no scores. "
-                f"Use a sequence of at least {self.cmp_block} tokens or a smaller cmp_block.")
+                f"{what}={seq_len} is shorter than the compression block cmp_block={l}: the "
+                f"compressed branch would see no block and selection would have no scores. Use a "
+                f"sequence of at least {l} tokens or a smaller cmp_block.")
 
     # -- torchtitan hooks -------------------------------------------------------------------
     def apply_overrides(self, overrides) -> list[str]:
-        """Apply the non-None fields of an ``[nsa]`` section; return the names changed."""
-        changed = []
+        """Apply the set (non-None) fields of an ``[nsa]`` section; return the names changed.
+        An NSAConfig the operator refuses stops here with its message."""
         if overrides is None:
-            return changed
-        for name in OVERRIDABLE_FIELDS:
-            value = getattr(overrides, name, None)
-            if value is not None and value != getattr(self, name):
-                setattr(self, name, value)
-                changed.append(name)
+            return []
+        changed, nsa = [], {}
+        nsa_fields = {f.name for f in dataclasses.fields(NSAConfig)}
+        for f in dataclasses.fields(overrides):
+            value = getattr(overrides, f.name)
+            if value is None:
+                continue
+            current = getattr(self.nsa, f.name) if f.name in nsa_fields else getattr(self, f.name)
+            if value == current:
+                continue
+            changed.append(f.name)
+            if f.name in nsa_fields:
+                nsa[f.name] = value
+            else:
+                setattr(self, f.name, value)
+        if nsa:
+            try:
+                self.nsa = dataclasses.replace(self.nsa, **nsa)
+            except (TypeError, ValueError) as e:
+                raise NSAConfigError(f"invalid [nsa] section: {e}") from e
         return changed
 
     def configure(self, job_config: JobConfig, log: bool = True) -> None:
         """Apply the ``[nsa]`` section and the sequence lengths; check everything but the vocab."""
         changed = self.apply_overrides(getattr(job_config, "nsa", None))
         if changed and log:
-            logger.info("NSA options from the [nsa] section: "
-                        + ", ".join(f"{n}={getattr(self, n)!r}" for n in changed))
+            logger.info("NSA options from the [nsa] section: " + ", ".join(
+                f"{n}={getattr(self.nsa, n, getattr(self, n, None))!r}" for n in changed))
         par = job_config.parallelism
         if par.context_parallel_degree > 1:
             raise NSAConfigError(
@@ -247,10 +215,11 @@ def attended_keys_per_query(args: NSAModelArgs, seq_len: int) -> dict[str, int]:
     all Tc compressed blocks, n selection blocks of l' tokens, w sliding keys, each capped by
     what a sequence of ``seq_len`` tokens holds.
     """
+    c = args.nsa
     return {
-        "cmp": num_cmp_blocks(seq_len, args.cmp_block, args.cmp_stride),
-        "slc": min(args.sel_topn * args.sel_block, seq_len),
-        "swa": min(args.window, seq_len),
+        "cmp": num_cmp_blocks(seq_len, c.cmp_block, c.cmp_stride),
+        "slc": min(c.sel_topn * c.sel_block, seq_len),
+        "swa": min(c.window, seq_len),
     }
 
 
@@ -268,9 +237,8 @@ def nsa_nparams_and_flops(args: NSAModelArgs, model: nn.Module, seq_len: int) ->
     nparams_embedding = sum(
         p.numel() for m in model.children() if isinstance(m, nn.Embedding) for p in m.parameters())
     nparams_cmp = sum(p.numel() for n, p in model.named_parameters() if ".compress_" in f".{n}")
-    tc = num_cmp_blocks(seq_len, args.cmp_block, args.cmp_stride)
     keys = attended_keys_per_query(args, seq_len)
-    per_token_cmp = nparams_cmp * tc * args.kv_heads / seq_len
+    per_token_cmp = nparams_cmp * keys["cmp"] * args.kv_heads / seq_len
     flops = (
         6 * (nparams - nparams_embedding - nparams_cmp)
         + 6 * per_token_cmp
@@ -281,5 +249,10 @@ def nsa_nparams_and_flops(args: NSAModelArgs, model: nn.Module, seq_len: int) ->
 
 
 def replace(args: NSAModelArgs, **changes) -> NSAModelArgs:
-    """A copy of ``args`` with ``changes`` (flavors are shared objects; never mutate them)."""
+    """A copy of ``args`` with ``changes`` (flavors are shared objects; never mutate them);
+    NSAConfig fields may be given by name too."""
+    nsa_fields = {f.name for f in dataclasses.fields(NSAConfig)}
+    nsa = {k: changes.pop(k) for k in list(changes) if k in nsa_fields}
+    if nsa:
+        changes["nsa"] = dataclasses.replace(changes.get("nsa", args.nsa), **nsa)
     return dataclasses.replace(args, **changes)

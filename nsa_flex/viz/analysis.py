@@ -20,7 +20,8 @@ from masks import compressed_mask, heads_first, pack_gqa, selected_mask, selecti
 from masks.readback import FULL, PARTIAL, SKIPPED, tile_states
 from nsa_flex.backends import dense_attention
 from nsa_flex.config import NSAConfig
-from nsa_flex.operator import selected_branch_block_mask
+from nsa_flex.kernels import KernelConfig, flex_kernel
+from nsa_flex.operator import selected_block_mask_of
 from nsa_flex.selection import select_blocks, selection_scores
 
 __all__ = [
@@ -272,12 +273,14 @@ class TileWork:
                 "pairs_missed": int(missed), "full_tiles_not_full": int(full_wrong)}
 
 
-def selected_block_mask(idx4: torch.Tensor, table4: torch.Tensor, cfg: NSAConfig, group: int):
+def selected_block_mask(idx4: torch.Tensor, table4: torch.Tensor, cfg: NSAConfig, group: int,
+                        head_dim: int = 128):
     """The selected branch's BlockMask of one KV head (idx4 [1, 1, T, n] block numbers, table4
-    their selection_table), the one ``operator.selected_branch`` gives FlexAttention (without
-    query splits)."""
-    return selected_branch_block_mask(idx4, table4, selected_mask(table4, cfg.sel_block, group),
-                                      cfg, group, full_width=False)
+    their selection_table), the one ``operator.selected_branch`` gives FlexAttention on a GPU
+    in bf16 (without query splits)."""
+    tiles = flex_kernel(torch.bfloat16, head_dim, head_dim, cfg).slc
+    return selected_block_mask_of(idx4, selected_mask(table4, cfg.sel_block, group), cfg, group,
+                                  tiles)(1)
 
 
 @dataclass
@@ -298,9 +301,9 @@ def analyse_head(h: HeadInputs) -> HeadAnalysis:
     device = h.qp.device
     Tc, Ts = h.k_cmp.shape[2], cfg.num_sel_blocks(T)
     lse = compressed_lse(h.qp, h.k_cmp, cfg, G, h.scale)
-    idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T)         # [1, 1, T, n]
+    idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T, KernelConfig("dense"))  # [1, 1, T, n]
     table4 = selection_table(idx4, Ts)                                   # [1, 1, T, Ts]
-    bm = selected_block_mask(idx4, table4, cfg, G)
+    bm = selected_block_mask(idx4, table4, cfg, G, h.qp.shape[-1])
     states = tile_states(bm)[0, 0]
     QB, KB = bm.BLOCK_SIZE
     Mq, Nkv = states.shape

@@ -1,188 +1,16 @@
-"""The model side of the visualiser: building it, loading a checkpoint, making the input,
-and capturing each attention layer's q, k, k_cmp and gates during the forward."""
+"""The model side of the visualiser: making the input, and capturing each attention layer's
+q, k, k_cmp and gates during the forward (building the model and loading a checkpoint:
+nsa_flex/checkpoint.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
-
-
-class VizError(ValueError):
-    """A request the visualiser cannot satisfy; the message says what to change."""
-
-
-# ---------------------------------------------------------------------------------------------
-# model arguments
-
-
-def model_args(flavor: str, overrides: dict | None = None, seq_len: int | None = None,
-               vocab_size: int | None = None):
-    """The flavor's NSAModelArgs (a copy) with NSA overrides, the vocabulary, and a RoPE table
-    long enough for ``seq_len``."""
-    from nsa_flex.model import nsa_flavors
-    from nsa_flex.model.args import OVERRIDABLE_FIELDS, NSAConfigError
-
-    try:
-        base = nsa_flavors[flavor]
-    except NSAConfigError as e:
-        raise VizError(str(e).replace("(--model.flavor / [model] flavor)", "(--flavor)")) from None
-    changes = {}
-    for k, v in (overrides or {}).items():
-        if k not in OVERRIDABLE_FIELDS:
-            raise VizError(f"--nsa {k}=...: unknown NSA option; choose among {', '.join(OVERRIDABLE_FIELDS)}")
-        changes[k] = v
-    if vocab_size is not None:
-        changes["vocab_size"] = vocab_size
-    if seq_len is not None and seq_len > base.max_seq_len:
-        changes["max_seq_len"] = seq_len
-    args = dataclasses.replace(base, **changes)
-    try:
-        args.validate()
-        if seq_len is not None:
-            args.check_seq_len(seq_len, "--seq-len")
-    except NSAConfigError as e:
-        raise VizError(str(e)) from None
-    return args
-
-
-def read_config(path: str | Path) -> tuple[str | None, str | None, dict]:
-    """(flavor, tokenizer path, [nsa] overrides) from a training TOML."""
-    p = Path(path)
-    if not p.is_file():
-        raise VizError(f"--config {p}: no such file")
-    with open(p, "rb") as f:
-        cfg = tomllib.load(f)
-    model = cfg.get("model", {})
-    nsa = {k: v for k, v in cfg.get("nsa", {}).items() if v is not None}
-    return model.get("flavor"), model.get("hf_assets_path"), nsa
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> dict (ints, floats, and strings)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise VizError(f"--nsa {item!r}: expected KEY=VALUE, e.g. --nsa window=128")
-        k, v = item.split("=", 1)
-        for conv in (int, float):
-            try:
-                out[k.strip()] = conv(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k.strip()] = None if v.strip().lower() == "none" else v.strip()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints (torchtitan DCP folders)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A DCP checkpoint directory (holding ``.metadata``) from what the user passed: such a
-    directory, torchtitan's ``checkpoint.folder`` (its newest ``step-N``), or a job's dump
-    folder holding ``checkpoint/``."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise VizError(f"--checkpoint {p}: no such file or directory. Pass a torchtitan checkpoint "
-                       f"folder (e.g. outputs/debug/checkpoint) or one of its step-N folders.")
-    if not p.is_dir():
-        raise VizError(f"--checkpoint {p} is a file; pass a torchtitan DCP folder "
-                       f"(step-N with a .metadata file, or the folder holding step-N folders)")
-    if (p / ".metadata").is_file():
-        return p
-    for folder in (p, p / "checkpoint"):
-        if not folder.is_dir():
-            continue
-        steps = []
-        for d in folder.iterdir():
-            m = re.fullmatch(r"step-(\d+)", d.name)
-            if m and (d / ".metadata").is_file():
-                steps.append((int(m.group(1)), d))
-        if steps:
-            return max(steps)[1]
-    raise VizError(f"--checkpoint {p} holds no DCP checkpoint: expected a .metadata file there or "
-                   f"step-N folders with one (torchtitan writes <dump_folder>/checkpoint/step-N)")
-
-
-def checkpoint_model_keys(ckpt: Path) -> tuple[str, dict[str, torch.Size]]:
-    """(prefix, {model key: shape}) of a DCP checkpoint: torchtitan flattens the model's state
-    dict to the top level (prefix ''); a nested {"model": ...} layout gives prefix 'model.'."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    md = FileSystemReader(str(ckpt)).read_metadata()
-    shapes = {k: v.size for k, v in md.state_dict_metadata.items() if hasattr(v, "size")}
-    for prefix in ("", "model."):
-        if prefix + "tok_embeddings.weight" in shapes:
-            return prefix, {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)
-                            and not k.startswith(("optimizer.", "lr_scheduler.", "dataloader.", "train_state."))}
-    raise VizError(f"checkpoint {ckpt} has no model weights (no tok_embeddings.weight); it holds "
-                   f"{sorted(shapes)[:8]}...")
-
-
-def load_checkpoint(model: torch.nn.Module, ckpt: Path, prefix: str, shapes: dict) -> None:
-    """Load the model's weights from a DCP checkpoint (single process, any saved sharding)."""
-    import torch.distributed.checkpoint as dcp
-
-    sd = model.state_dict()
-    advice = "; pass the --flavor / --config (and --nsa overrides) it was trained with"
-
-    def n_layers(keys):
-        ids = {int(m.group(1)) for k in keys if (m := re.match(r"layers\.(\d+)\.", k))}
-        return max(ids) + 1 if ids else 0
-
-    if n_layers(shapes) != n_layers(sd):
-        raise VizError(f"checkpoint {ckpt} has {n_layers(shapes)} layers but this model has "
-                       f"{n_layers(sd)}{advice}")
-    wrong = [(k, tuple(shapes[k]), tuple(v.shape)) for k, v in sd.items()
-             if k in shapes and tuple(shapes[k]) != tuple(v.shape)]
-    if wrong:
-        k, a, b = wrong[0]
-        raise VizError(f"checkpoint {ckpt} does not fit this model: {k} is {a} in the checkpoint "
-                       f"but {b} in the model ({len(wrong)} such weights){advice}")
-    branch = (".wk_cmp.", ".wv_cmp.", ".wk_swa.", ".wv_swa.")
-    for keys, what, mode_hint in (
-            ([k for k in sd if k not in shapes], "lacks {n} weights of this model",
-             "the checkpoint looks like kv_mode='shared': pass --nsa kv_mode=shared"),
-            ([k for k in shapes if k not in sd], "holds {n} weights this model lacks",
-             "it looks like kv_mode='separate': drop --nsa kv_mode=shared")):
-        if keys:
-            hint = f" ({mode_hint})" if all(any(b in k for b in branch) for k in keys) else ""
-            raise VizError(f"checkpoint {ckpt} {what.format(n=len(keys))}, e.g. "
-                           f"{keys[:3]}{hint}{advice}")
-    state = {prefix + k: v for k, v in sd.items()} if not prefix else {prefix[:-1]: sd}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(state, checkpoint_id=str(ckpt))
-    model.load_state_dict(sd)
-
-
-def build_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                checkpoint: Path | None = None, ckpt_layout=None):
-    """The NSA transformer, initialised with ``seed`` or loaded from ``checkpoint``, in eval mode."""
-    from nsa_flex.model import NSATransformer
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = NSATransformer(args)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, *ckpt_layout)
-    # cast floating parameters only: Module.to(dtype) would also cast the complex RoPE table
-    model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    return model.eval()
+from nsa_flex.checkpoint import CheckpointError as VizError
+from nsa_flex.checkpoint import (build_model, checkpoint_model_keys, load_checkpoint,  # noqa: F401
+                                 model_args, parse_overrides, read_config, resolve_checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +146,5 @@ def attention_tensors(attn, x: torch.Tensor, freqs_cis: torch.Tensor, positions=
     kc = attn.wk_cmp(x).view(bs, T, -1, attn.head_dim) if attn.kv_mode == "separate" else xk
     k_cmp = attn.compress_k(kc)
     gates = torch.sigmoid(attn.gate(x).view(bs, T, -1, 3))
-    return {"q": apply_rotary_emb(xq, freqs_cis, positions),
-            "k": apply_rotary_emb(xk, freqs_cis, positions),
-            "k_cmp": k_cmp, "gates": gates}
+    q, k = apply_rotary_emb(xq, xk, freqs_cis, positions)
+    return {"q": q, "k": k, "k_cmp": k_cmp, "gates": gates}
