@@ -65,49 +65,6 @@ def test_barrier_is_waited_for_before_the_first_turn_only(bench, tmp_path):
     assert bench.BARRIER is None and len(list(folder.glob("ready.*"))) == 2
 
 
-def test_memtrace_finds_the_buffers_live_at_the_peak(tmp_path):
-    """tools/memtrace.py replays allocator events: the peak is where the allocated bytes are
-    largest (a block counts as freed at its free request; a free of a block from before the
-    trace lowers the count), the live set is taken there, and Inductor-allocated buffers are
-    named by the source-nodes comment of the kernel that fills them."""
-    spec = importlib.util.spec_from_file_location("nsa_memtrace", ROOT / "tools" / "memtrace.py")
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
-    gen = tmp_path / "cgenerated.py"
-    gen.write_text("def call(args):\n"
-                   "    # Topologically Sorted Source Nodes: [topk], Original ATen: [aten.topk]\n"
-                   "    buf0 = torch.ops.aten.topk.default(arg0, 16)\n"
-                   "    buf1 = empty_strided_cuda((8, 64), (64, 1), torch.int32)\n"
-                   "    # Topologically Sorted Source Nodes: [kv_idx, cat], Original ATen: [cat]\n"
-                   "    triton_poi_fused_cat_0.run(buf1, 512)\n"
-                   "    buf2 = empty_strided_cuda((8, 64), (64, 1), torch.int32)\n"
-                   "    triton_poi_fused_no_comment_1.run(buf2, 512)\n"
-                   "    # Topologically Sorted Source Nodes: [later], Original ATen: [aten.add]\n")
-    ind = [{"filename": str(gen), "line": 4, "name": "call"}]
-    ours = [{"filename": str(ROOT / "nsa_flex" / "operator.py"), "line": 10, "name": "_nsa"},
-            {"filename": "/x/torch/nn/functional.py", "line": 1, "name": "f"}]
-    ev = [dict(action="alloc", addr=1, size=100, frames=ind),
-          dict(action="alloc", addr=2, size=50, frames=ours),
-          dict(action="alloc", addr=3, size=30, frames=ind),
-          dict(action="free_requested", addr=2, size=50),
-          dict(action="alloc", addr=4, size=60, frames=[]),        # 190 live: the peak
-          dict(action="free_completed", addr=2, size=50),         # counted at the request
-          dict(action="free_requested", addr=1, size=100),
-          dict(action="alloc", addr=5, size=10, frames=ours)]
-    peak, live = mt.live_at_peak(ev)
-    assert peak == 190 and [e["addr"] for e in live] == [1, 4, 3]
-    early = [dict(action="free_requested", addr=99, size=500)] + ev   # a block from before
-    assert mt.live_at_peak(early)[0] == 0                             # never above the start
-    s = mt.summarize(ev[:3], top=5)                                   # peak 180: 1, 2, 3 live
-    assert s["peak_mib"] == round(180 / 2**20, 1)
-    assert [(r["origin"], r["buffers"]) for r in s["top"]] == [
-        ("inductor: [kv_idx, cat], Original ATen: [cat]", 2), ("nsa_flex/operator.py:10 (_nsa)", 1)]
-    call = lambda line: [{"filename": str(gen), "line": line, "name": "call"}]
-    assert mt.origin(call(3)) == "inductor: [topk], Original ATen: [aten.topk]"  # own output
-    assert mt.origin(call(7)) == f"{gen}:7 (call)"        # its kernel has no comment: not the next
-    assert mt.origin([]) == "(no stack)"
-
-
 def test_timings_and_peak_hold_no_earlier_forward(bench, monkeypatch):
     """fwd_and_fwdbwd's peak memory is one fwd+bwd's: the warm-up forward's autograd graph (all
     its saved activations) is freed before the timings and the peak measurement start."""
@@ -137,31 +94,42 @@ def test_timings_and_peak_hold_no_earlier_forward(bench, monkeypatch):
     assert row["finite"] and alive_at_timing == [[False]] * 3
 
 
-@pytest.mark.parametrize("full_tiles", [1, 0])
-def test_selected_blockmask_mib_is_what_the_operator_builds(bench, monkeypatch, full_tiles):
+@pytest.mark.parametrize("docs", [False, True])
+def test_selected_blockmask_mib_is_what_the_operator_builds(bench, docs):
     """The reported size of the selected BlockMask equals the lists the operator's builder
-    returns on CUDA (narrow KV lists, query splits), with and without full tiles."""
+    returns on CUDA (narrow KV lists, query splits), with and without documents."""
     import torch
 
     from nsa_flex import NSAConfig
     from nsa_flex.backends import effective_splits
-    monkeypatch.setattr(bench.op.tuning, "SEL_FULL_TILES", full_tiles)
+    from nsa_flex.kernels import flex_kernel
     cfg = NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, window=512)
     T, Hq, Hkv = 4096, 32, 2
     G, Ts = Hq // Hkv, cfg.num_sel_blocks(T)
+    kernel = flex_kernel(torch.bfloat16, 128, 128, cfg)
     idx = torch.randint(0, Ts, (1, Hkv, T, cfg.sel_topn), generator=torch.Generator().manual_seed(0))
     idx = torch.where(idx * cfg.sel_block <= torch.arange(T)[:, None], idx, -1)
     idx = torch.sort(idx, -1).values
     idx[..., 1:] = torch.where(idx[..., 1:] == idx[..., :-1], -1, idx[..., 1:])
-    S = effective_splits(bench.op.tuning.Q_SPLITS.get("slc", 1), T * G, bench.op.tuning.sel_q_block())
-    bm = bench.op.selected_branch_block_mask(idx, None, bench.op.causal_mask(G), cfg, G,
-                                             full_width=False, q_splits=S)
-    lists = [getattr(bm, n) for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
-                                      "full_kv_indices", "q_num_blocks", "q_indices",
-                                      "full_q_num_blocks", "full_q_indices")]
-    built = sum(t.numel() * t.element_size() for t in lists if t is not None) / 2**20
-    assert (lists[2] is None) == (not full_tiles)
-    assert abs(bench.selected_blockmask_mib(T, Hq, Hkv, cfg) - built) < 0.06, built
+    d = bench.op.Documents.of(torch.arange(T)[None] * 3 // T, cfg) if docs else None
+    S = effective_splits(kernel.slc.q_splits, T * G, kernel.slc.q_block)
+    bm = bench.op.selected_block_mask_of(idx, bench.op.causal_mask(G), cfg, G, kernel.slc, d)(S)
+    lists = [bm.kv_num_blocks, bm.kv_indices, bm.q_num_blocks, bm.q_indices]
+    built = sum(t.numel() * t.element_size() for t in lists) / 2**20
+    assert abs(bench.selected_blockmask_mib(T, Hq, Hkv, cfg, kernel, docs) - built) < 0.06, built
+
+
+def test_kernel_overrides_replace_fields(bench):
+    import torch
+
+    from nsa_flex import NSAConfig
+    from nsa_flex.kernels import flex_kernel
+    k = flex_kernel(torch.bfloat16, 128, 128, NSAConfig())
+    got = bench.apply_overrides(k, ["cmp.bwd=64,64,64,64,4,3", "slc.q_splits=16", "topn_tile=4096"])
+    assert got.cmp.bwd == (64, 64, 64, 64, 4, 3) and got.slc.q_splits == 16 and got.topn_tile == 4096
+    assert got.swa == k.swa
+    with pytest.raises(SystemExit, match="slc.fwd"):
+        bench.apply_overrides(k, ["slc.fwd=16,256,2,3"])     # refused by the tile check
 
 
 def test_each_variant_compiles_in_its_own_inductor_cache(bench, tmp_path, monkeypatch):
@@ -177,7 +145,7 @@ def test_each_variant_compiles_in_its_own_inductor_cache(bench, tmp_path, monkey
         def __init__(self, cmd, stdout=None, stderr=None, env=None):
             out = cmd[cmd.index("--out") + 1]
             row = {"impl": "nsa_flex", "T": 8, "fwd_ms": 1.0, "fwdbwd_ms": 2.0, "peak_mem_mib": 3.0}
-            json.dump({"meta": {"tuning": {}}, "rows": [row]}, open(out, "w"))
+            json.dump({"meta": {"kernel_overrides": []}, "rows": [row]}, open(out, "w"))
             started.append((cmd, env))
             self.pid = 10_000 + len(started)
 
@@ -188,11 +156,11 @@ def test_each_variant_compiles_in_its_own_inductor_cache(bench, tmp_path, monkey
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", Child)
-    variants = ["", "SEL_DQ_WIDE_STEPS=0"]
+    variants = ["", "cmp.q_splits=16"]
     out = str(tmp_path / "v.json")
     monkeypatch.setattr(sys, "argv", ["bench.py", "--seq", "8", "--variants", *variants, "--out", out])
     bench.run_variants(types.SimpleNamespace(variants=variants, gpu_lock=None, out=out))
     caches = [env["TORCHINDUCTOR_CACHE_DIR"] for _, env in started]
     assert len(caches) == 2 and caches[0] != caches[1]
-    assert "--tune" not in started[0][0] and started[1][0][-2:] == ["--tune", "SEL_DQ_WIDE_STEPS=0"]
+    assert "--kernel" not in started[0][0] and started[1][0][-2:] == ["--kernel", "cmp.q_splits=16"]
     assert [r["variant"] for r in json.load(open(out))["rows"]] == variants

@@ -1,8 +1,8 @@
 """tools/check_model.py: compiled model + activation checkpointing against the eager model.
 
 On CPU the tool checks the graph capture, partitioning and recompute with ``aot_eager`` (the
-operator's FlexAttention path, whose CPU backward torch runs as eager math once its device check
-is lifted); the GPU failure it was written for needs Inductor (NOTES.md, sixth session)."""
+operator's flex backend, whose CPU backward torch runs as eager math once its device check is
+lifted); the GPU failure it was written for needs Inductor."""
 
 import importlib.util
 import json
@@ -45,11 +45,12 @@ def test_compare_floors_a_gradient_that_is_zero_in_exact_arithmetic():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU route (aot_eager)")
-def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path):
+@pytest.mark.parametrize("docs", [1, 4])
+def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path, docs):
     out = tmp_path / "m.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "tools/check_model.py", "--seq", "256", "--layers", "1",
-                        "--ac", "selective", "full", "--out", str(out)],
+                        "--ac", "selective", "full", "--docs", str(docs), "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -57,6 +58,8 @@ def test_checkpointed_compiled_model_matches_eager_on_cpu(tmp_path):
                                                                  ("full", "aot_eager", True)]
     ref = json.loads(out.read_text())["meta"]["reference_grad_norm"]
     assert all(abs(x["grad_norm"] - ref) <= 1e-4 * ref for x in rows) and ref > 0
+    if docs > 1:
+        return
     bad = subprocess.run([sys.executable, "tools/check_model.py", "--seq", "100"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--seq 100: use a multiple of 64" in bad.stderr

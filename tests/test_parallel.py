@@ -97,3 +97,31 @@ def test_grad_scaled_loss_keeps_value_and_scales_gradient():
     (g_scaled,) = torch.autograd.grad(scaled, pred)
     assert torch.allclose(scaled, plain)
     assert torch.allclose(g_scaled, 0.1 * g_plain)
+
+
+@pytest.mark.parametrize("mask", ["causal", "block_causal"])
+def test_fsdp_and_pipeline_train_like_one_process(tmp_path, mask):
+    """FSDP over 2 ranks and a 2-stage pipeline (CPU, gloo, torchrun) start from one seed
+    checkpoint, read the same tokens, and log the single process's losses step for step
+    (tools/check_parallel.py: 5 printed decimals, tolerance 1e-4), with and without documents."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "parallel.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "tools/check_parallel.py", "--steps", "3", "--modes", "fsdp",
+                        "pp", "--tol", "1e-4", "--work", str(tmp_path / "work"), "--out", str(out),
+                        "--training.seq_len", "128", "--training.local_batch_size", "4",
+                        "--nsa.attn_mask_type", mask],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and set(result["runs"]) == {"single", "fsdp", "pp"}
+    for name, run in result["runs"].items():
+        assert sorted(int(s) for s in run["losses"]) == [1, 2, 3], name
+        assert run["max_abs_diff_vs_single"] <= 1e-4, name

@@ -1,8 +1,8 @@
 """End to end on CPU: ``python -m nsa_flex.train --job.config_file configs/debug.toml``.
 
-One short run (loss falls, validation runs, checkpoints are written), then a second run that
-resumes from the last checkpoint and continues the curve; plus the launcher's helpers and
-configuration errors through the command line.
+A short run (loss falls, validation runs, checkpoints are written), and the same run stopped and
+resumed from its checkpoint, which must log the same losses step for step; plus the launcher's
+helpers and configuration errors through the command line.
 """
 
 import os
@@ -35,34 +35,36 @@ def losses(log: str, pattern=STEP) -> dict[int, float]:
     return {int(s): float(v) for s, v in pattern.findall(log)}
 
 
-def test_debug_config_trains_checkpoints_and_resumes(tmp_path):
-    common = ["--job.config_file", "configs/debug.toml", "--job.dump_folder", str(tmp_path),
-              "--metrics.log_freq", "1", "--metrics.disable_color_printing",
-              "--checkpoint.interval", "15", "--validation.freq", "15", "--validation.steps", "2"]
-    first = run_train(*common, "--training.steps", "30")
-    log = first.stdout + first.stderr
-    assert first.returncode == 0, log[-4000:]
+def test_debug_config_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """The main job: the loss falls, validation runs, checkpoints are written. A run stopped at
+    step 20 and resumed from its checkpoint logs the same losses, step for step, as a run that
+    never stopped (a constant learning rate after warm-up, so both see one schedule)."""
+    common = ["--job.config_file", "configs/debug.toml", "--metrics.log_freq", "1",
+              "--metrics.disable_color_printing", "--checkpoint.interval", "10",
+              "--validation.freq", "10", "--validation.steps", "2", "--lr_scheduler.decay_ratio", "0",
+              "--debug.seed", "0"]
+    whole = run_train(*common, "--job.dump_folder", str(tmp_path / "whole"), "--training.steps", "26")
+    log = whole.stdout + whole.stderr
+    assert whole.returncode == 0, log[-4000:]
     curve = losses(log)
-    assert sorted(curve) == list(range(1, 31)), log[-3000:]
-    start = curve[1]
-    end = sum(curve[s] for s in range(26, 31)) / 5
-    assert start > 8.0  # about ln(8192) from a fresh model
-    assert end < start - 0.5, curve
+    assert sorted(curve) == list(range(1, 27)), log[-3000:]
+    assert curve[1] > 8.0  # about ln(8192) from a fresh model
+    assert sum(curve[s] for s in range(22, 27)) / 5 < curve[1] - 0.5, curve
     val = losses(log, VALIDATE)
-    assert set(val) == {1, 15, 30} and val[30] < val[15] < val[1] - 0.5, val
-    ckpt = tmp_path / "checkpoint"
-    assert {p.name for p in ckpt.iterdir()} >= {"step-15", "step-30"}
+    assert set(val) == {1, 10, 20} and val[20] < val[1] - 0.5, val
 
-    second = run_train(*common, "--training.steps", "36")
+    part = tmp_path / "stopped"
+    first = run_train(*common, "--job.dump_folder", str(part), "--training.steps", "20")
+    log1 = first.stdout + first.stderr
+    assert first.returncode == 0, log1[-4000:]
+    assert {p.name for p in (part / "checkpoint").iterdir()} >= {"step-10", "step-20"}
+    second = run_train(*common, "--job.dump_folder", str(part), "--training.steps", "26")
     log2 = second.stdout + second.stderr
     assert second.returncode == 0, log2[-4000:]
-    assert "Loading the checkpoint from" in log2 and "step-30" in log2
-    assert "Training starts at step 31" in log2
-    curve2 = losses(log2)
-    assert sorted(curve2) == list(range(31, 37)), log2[-3000:]
-    # the curve continues from where it stopped instead of starting over
-    assert max(curve2.values()) < start - 0.5, curve2
-    assert (ckpt / "step-36").is_dir()
+    assert "Training starts at step 21" in log2
+    resumed = {**losses(log1), **losses(log2)}
+    assert sorted(losses(log2)) == list(range(21, 27)), log2[-3000:]
+    assert resumed == curve, {s: (resumed.get(s), curve[s]) for s in curve if resumed.get(s) != curve[s]}
 
 
 def test_bad_configs_stop_at_start_with_a_message(tmp_path):

@@ -1,12 +1,15 @@
 """GPU benchmark of the whole NSA operator against dense attention and fla-core's NSA kernels.
 
 Times forward and forward+backward (median of repeats, CUDA events via triton's do_bench) and
-peak memory, for nsa_flex (the whole operator: scoring, top-n, mask build, three branches,
-gates), SDPA causal with the cuDNN and flash backends, and fla-core's ``parallel_nsa`` when it
-is importable. For nsa_flex it also times each part alone. Prints a table last and writes JSON.
+peak memory, for nsa_flex (the whole operator compiled: scoring, top-n, mask build, three
+branches, gates), SDPA causal with the cuDNN and flash backends, and fla-core's ``parallel_nsa``
+when it is importable. ``--docs`` also times nsa_flex on sequences packed from N equal documents;
+``--kernel`` replaces fields of the KernelConfig; ``--variants`` runs several such sets in
+parallel processes that take turns on the card. Prints a table last and writes JSON.
 
-    python tools/bench.py --seq 8192 65536 --dims 128:128 192:128 --configs paper fla \
-        --out tools/results/bench-h100.json
+    python tools/bench.py --seq 8192 65536 --dims 128:128 --configs paper --out bench.json
+    python tools/bench.py --seq 65536 --impls nsa_flex --docs 1 8 --out docs.json
+    python tools/bench.py --seq 8192 --impls nsa_flex --variants "" "cmp.bwd=64,64,64,64,4,3" --out v.json
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -23,12 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from masks import pack_gqa
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
 from nsa_flex.backends import effective_splits
-from nsa_flex.selection import select_blocks
-from masks import heads_first
+from nsa_flex.kernels import KernelConfig, flex_kernel, override
+from masks.selected_lists import positions_per_tile, tiles_per_block
 
 CONFIGS = {
     "paper": NSAConfig(cmp_block=32, cmp_stride=16, sel_block=64, sel_topn=16, n_init=1, n_local=2, window=512),
@@ -164,72 +167,55 @@ def fwd_and_fwdbwd(run, leaves, extra=None):
     return row
 
 
-def ours(x, cfg, sliding, fla_pool, profile=False, memory=False):
-    fn = op._compiled(cfg, False, sliding)
+def apply_overrides(kernel: KernelConfig, items: list[str]) -> KernelConfig:
+    try:
+        return override(kernel, items)
+    except ValueError as e:
+        raise SystemExit(f"--kernel: {e}")
+
+
+def document_ids(T: int, docs: int) -> torch.Tensor | None:
+    """[1, T] ids of ``docs`` documents of equal length (None for one)."""
+    if docs <= 1:
+        return None
+    return (torch.arange(T, device="cuda") * docs // T)[None].to(torch.int32)
+
+
+def ours(x, cfg, kernel, docs=1, fla_pool=False, profile=False):
+    T = x["q"].shape[1]
+    ids = document_ids(T, docs)
+    fn = op.compiled(cfg, kernel, False, ids is not None)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "kc", "vc", "gates")]
+    if ids is not None:   # the compressed keys in the document layout: T // d slots
+        slots = T // cfg.cmp_stride
+        kc, vc = (torch.randn(1, slots, *x[n].shape[2:], device="cuda", dtype=x[n].dtype)
+                  .requires_grad_() for n in ("kc", "vc"))
+        leaves[3:5] = [kc, vc]
 
     def run():
         if fla_pool:  # the compressed keys by mean pooling, as fla-core computes them
             kc, vc = mean_pool(x["k"], cfg.cmp_block), mean_pool(x["v"], cfg.cmp_block)
         else:
-            kc, vc = x["kc"], x["vc"]
-        return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None)
+            kc, vc = leaves[3], leaves[4]
+        extra = {} if ids is None else {"doc_ids": ids}
+        return fn(x["q"], x["k"], x["v"], kc, vc, x["gates"], k_swa=None, v_swa=None, **extra)
 
-    def extra(r):
-        got = {"profile": kernel_breakdown(r)} if profile else {}
-        if memory:
-            got["memory_at_peak"] = memory_at_peak(r, leaves)
-        return got
-
-    row = fwd_and_fwdbwd(run, leaves, extra if profile or memory else None)
-    row["selected_blockmask_mib_per_layer"] = selected_blockmask_mib(x["q"].shape[1], x["q"].shape[2],
-                                                                     x["k"].shape[2], cfg)
+    row = fwd_and_fwdbwd(run, leaves, (lambda r: {"profile": kernel_breakdown(r)}) if profile else None)
+    row["selected_blockmask_mib_per_layer"] = selected_blockmask_mib(
+        T, x["q"].shape[2], x["k"].shape[2], cfg, kernel, docs > 1)
     return row
 
 
-def memory_at_peak(run, leaves):
-    """One fwd+bwd under the allocator's recorder (tools/memtrace.py, next to this file): the
-    buffers live at the peak, grouped by the ops that made them."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nsa_memtrace", os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "memtrace.py"))
-    memtrace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memtrace)
-    for x in leaves:        # before recording: the step starts from no gradients
-        x.grad = None
-
-    def step():
-        o = run()
-        o.backward(torch.ones_like(o))
-
-    return memtrace.peak_report(step)
-
-
-def selected_blockmask_mib(T, Hq, Hkv, cfg, batch=1):
+def selected_blockmask_mib(T, Hq, Hkv, cfg, kernel: KernelConfig, docs: bool = False, batch=1):
     """Memory of the selected branch's BlockMask (one layer, one call) as the operator builds it
-    on CUDA: int32 KV lists [B, Hkv, Mq, W] (partial and full; W = Nkv, or P·n·l'/kv_block with
-    tuning.SEL_NARROW_LISTS), their transposes [B, Hkv, Nkv, Mq] for the backward (the partial
-    one kv_block·G/q_block wide with SEL_NARROW_Q_LISTS and one position per tile), and the four
-    count vectors (the partial ones alone with SEL_FULL_TILES=0); plus the forced part's mask
-    with SEL_FORCED_STATIC. Query splits only regroup them."""
-    from masks.selected import positions_per_tile
+    on CUDA: int32 KV lists [B, Hkv, Mq, W] (W = P·n·R, capped at Nkv), their transposes [B, Hkv,
+    Nkv, Mq] for the backward, and the two count vectors. Query splits only regroup them."""
     G = Hq // Hkv
-    qb, kb = op.tuning.sel_q_block(), op._sel_kv_block(cfg)
-    parts = [(qb, kb, op._narrow_lists(cfg, kb))]
-    if op._forced_static(cfg):
-        parts.append((op.tuning.Q_BLOCK, op.tuning.KV_BLOCK, False))
-    total = 0
-    for q_block, kv_block, narrow in parts:
-        Mq, Nkv = -(-T * G // q_block), -(-T // kv_block)
-        W = positions_per_tile(q_block, G) * cfg.sel_topn * (cfg.sel_block // kv_block) if narrow else Nkv
-        Wq = (kv_block * G // q_block if narrow and op.tuning.SEL_NARROW_Q_LISTS and G % q_block == 0
-              else Mq)                                                   # partial query lists
-        if narrow and not op.tuning.SEL_FULL_TILES:   # partial lists only, Mq wide on the q side
-            total += 4 * batch * Hkv * (Mq * W + Nkv * Mq + Mq + Nkv)
-            continue
-        total += 4 * batch * Hkv * (2 * Mq * W + Nkv * (Mq + Wq) + 2 * Mq + 2 * Nkv)
-    return round(total / 2**20, 1)
+    t = kernel.slc
+    Mq, Nkv = -(-T * G // t.q_block), -(-T // t.kv_block)
+    W = min(Nkv, positions_per_tile(t.q_block, G) * cfg.sel_topn
+            * tiles_per_block(cfg.sel_block, t.kv_block, aligned=not docs))
+    return round(4 * batch * Hkv * (Mq * W + Nkv * Mq + Mq + Nkv) / 2**20, 1)
 
 
 KERNEL_GROUPS = [  # (group, substrings of the kernel name), first match wins
@@ -265,45 +251,6 @@ def kernel_breakdown(run, iters=3, activity="cuda"):
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return {"ms_per_fwdbwd": {k: round(v, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
-
-
-def parts(x, cfg):
-    """Each part of the operator alone (compiled alone, so fusion across parts is lost)."""
-    q, k, v, kc, vc = x["q"], x["k"], x["v"], x["kc"], x["vc"]
-    T, Hq, Dk = q.shape[1:]
-    Hkv = k.shape[2]
-    G, scale = Hq // Hkv, cfg.softmax_scale(Dk)
-    qp = pack_gqa(q.detach(), Hkv).requires_grad_()
-    comp = lambda f: torch.compile(f, fullgraph=True, dynamic=False)
-    cmp_fn = comp(lambda qp, kc, vc: op.compressed_branch(qp, kc, vc, cfg, G, scale, True))
-    sel_fn = comp(lambda qp, kc, lse: select_blocks(qp, heads_first(kc), lse, cfg, scale, G, T))
-    out = {}
-    kc_, vc_ = kc.detach().requires_grad_(), vc.detach().requires_grad_()
-    out["compressed"] = fwd_and_fwdbwd(lambda: cmp_fn(qp, kc_, vc_)[0], [qp, kc_, vc_])
-    with torch.no_grad():
-        _, lse = cmp_fn(qp, kc, vc)
-    out["scoring_topn"] = {"fwd_ms": timed_ms(lambda: sel_fn(qp.detach(), kc, lse))}
-    idx = sel_fn(qp.detach(), kc, lse)
-
-    def build(idx):   # the selected branch's BlockMask as its FlexAttention call gets it
-        table, mm = op.selected_mask_mod(idx, cfg, G, use_flex=True)
-        S = effective_splits(op.tuning.Q_SPLITS.get("slc", 1), T * G, op.tuning.sel_q_block())
-        bm = op.selected_branch_block_mask(idx, table, mm, cfg, G, full_width=False, q_splits=S)
-        return tuple(t for t in (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
-                                 bm.full_kv_indices, bm.q_num_blocks, bm.q_indices,
-                                 bm.full_q_num_blocks, bm.full_q_indices) if t is not None)
-    build_fn = comp(build)
-    out["mask_build"] = {"fwd_ms": timed_ms(lambda: build_fn(idx))}
-    lists = build_fn(idx)
-    out["mask_build"]["selected_blockmask_mib"] = sum(t.numel() * t.element_size() for t in lists) / 2**20
-    listed = lists[0] + (lists[2] if len(lists) == 8 else 0)     # partial (+ full) KV tiles
-    out["mask_build"]["mean_kv_tiles_per_q_tile"] = listed.float().mean().item()
-    k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-    slc_fn = comp(lambda qp, k, v, idx: op.selected_branch(qp, k, v, idx, cfg, G, scale, True))
-    out["selected"] = fwd_and_fwdbwd(lambda: slc_fn(qp, k_, v_, idx), [qp, k_, v_])
-    swa_fn = comp(lambda qp, k, v: op.sliding_branch(qp, k, v, cfg, G, scale, True))
-    out["sliding"] = fwd_and_fwdbwd(lambda: swa_fn(qp, k_, v_), [qp, k_, v_])
-    return out
 
 
 def sdpa(x, backend):
@@ -356,10 +303,9 @@ def run_variants(a) -> None:
         cmd = [sys.executable, __file__, *argv, "--gpu-lock", lock, "--out", out,
                "--barrier", f"{work}:{len(a.variants)}"]
         if variant.split():
-            cmd += ["--tune", *variant.split()]
+            cmd += ["--kernel", *variant.split()]
         print(f"[bench] variant {i} ({variant or 'defaults'}): log {log}", flush=True)
-        # each variant its own Inductor cache: a knob that changes only Inductor's choices (not
-        # the traced graph) would otherwise get another variant's cached kernels
+        # each variant its own Inductor cache (kernel options change only Inductor's choices)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(work, f"inductor-v{i}"))
         children.append((variant, out, subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                                         env=env)))
@@ -377,9 +323,9 @@ def run_variants(a) -> None:
             rows.append({"variant": variant, "error": f"exit {rc} before writing any row"})
             continue
         got = json.load(open(out))
-        meta = meta or {k: v for k, v in got["meta"].items() if k != "tuning"}
+        meta = meta or {k: v for k, v in got["meta"].items() if k != "kernel_overrides"}
         for r in got["rows"]:
-            rows.append({"variant": variant, "tuning": got["meta"]["tuning"], **r})
+            rows.append({"variant": variant, **r})
         if rc:
             rows.append({"variant": variant, "error": f"exit {rc}"})
     json.dump({"meta": {**(meta or {}), "variants": a.variants, "timed_under_lock": True},
@@ -398,17 +344,14 @@ def main():
     ap.add_argument("--dims", nargs="+", default=["128:128", "192:128"], help="Dk:Dv pairs")
     ap.add_argument("--configs", nargs="+", default=["paper", "fla"], choices=list(CONFIGS))
     ap.add_argument("--impls", nargs="+", default=["nsa_flex", "sdpa_cudnn", "sdpa_flash", "fla"])
-    ap.add_argument("--parts", action="store_true",
-                    help="also time each part of nsa_flex alone (compiles each part: slow)")
+    ap.add_argument("--docs", type=int, nargs="+", default=[1],
+                    help="nsa_flex on sequences packed from N equal documents (1: one document)")
     ap.add_argument("--profile", action="store_true",
                     help="device time of nsa_flex per kernel group, from the profiler (no extra compile)")
-    ap.add_argument("--memory", action="store_true",
-                    help="for nsa_flex, what is live at the peak of one fwd+bwd and which ops made "
-                         "it (tools/memtrace.py; after the timings, no extra compile)")
     ap.add_argument("--hq", type=int, default=64)
     ap.add_argument("--hkv", type=int, default=4)
-    ap.add_argument("--tune", nargs="*", default=[], metavar="KNOB=VALUE",
-                    help="set nsa_flex.tuning knobs before compiling, e.g. SEL_Q_BLOCK=16 Q_SPLITS.cmp=8 "
+    ap.add_argument("--kernel", nargs="*", default=[], metavar="FIELD=V",
+                    help="replace KernelConfig fields, e.g. cmp.bwd=64,64,64,64,4,3 slc.q_splits=16 "
                          "(recorded in the JSON)")
     ap.add_argument("--gpu-lock", default=None, metavar="FILE",
                     help="hold this file lock while timing and compiling, so several bench "
@@ -417,10 +360,9 @@ def main():
     ap.add_argument("--barrier", default=None, metavar="DIR:N",
                     help="wait before the first timing until N runs have written DIR/ready.* (set "
                          "by --variants: no run times while another still compiles and autotunes)")
-    ap.add_argument("--variants", nargs="+", default=None, metavar="'KNOB=V ...'",
-                    help="run each quoted set of knobs (\"\" for the defaults) in its own process, all "
-                         "at once: compiles overlap, timings take turns under one lock; the rows "
-                         "of all variants go to --out, each with its 'variant'")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="'FIELD=V ...'",
+                    help="run each quoted set of --kernel fields (\"\" for the defaults) in its own "
+                         "process, all at once: compiles overlap, timings take turns under one lock")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -429,15 +371,13 @@ def main():
         return run_variants(a)
     global GPU_LOCK, BARRIER
     GPU_LOCK, BARRIER = a.gpu_lock, a.barrier
-    tuned = op.tuning.apply(a.tune)
-    op.prepare_flash("cuda")   # (parts() compiles branches outside the operator)
     rows = []
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "cuda": torch.version.cuda,
             "B": 1, "Hq": a.hq, "Hkv": a.hkv, "dtype": "bfloat16", "timing": "median, triton do_bench",
-            "date": time.strftime("%Y-%m-%d"), "tuning": tuned,
-            "timed_under_lock": a.gpu_lock is not None,
-            "inductor_scalar_tree_fix": op.tuning.fix_scalar_tree_block_shape()}
+            "date": time.strftime("%Y-%m-%d"), "kernel_overrides": a.kernel,
+            "command": "python tools/bench.py " + " ".join(sys.argv[1:]),
+            "timed_under_lock": a.gpu_lock is not None}
 
     def save():
         json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
@@ -448,20 +388,23 @@ def main():
             Dk, Dv = map(int, dims.split(":"))
             if cname == "fla" and Dk != Dv:
                 continue
+            kernel = apply_overrides(flex_kernel(torch.bfloat16, Dk, Dv, cfg,
+                                                 torch.cuda.get_device_capability()), a.kernel)
+            if cname == "fla":   # fla-core's NSA has no sliding branch: a window of one key
+                cfg = NSAConfig(**{**cfg.__dict__, "window": 1})
             for T in a.seq:
                 x = make(T, a.hq, a.hkv, Dk, Dv, cfg)
                 impls = a.impls if cname == "fla" else [i for i in a.impls if i != "fla"]
-                for impl in impls:
+                jobs = [(impl, d) for impl in impls for d in (a.docs if impl == "nsa_flex" else [1])]
+                for impl, docs in jobs:
                     if impl.startswith("sdpa") and cname == "fla":
                         continue  # dense rows are the same in both configurations
-                    row = {"impl": impl, "config": cname, "T": T, "Dk": Dk, "Dv": Dv}
+                    row = {"impl": impl, "config": cname, "T": T, "Dk": Dk, "Dv": Dv, "docs": docs}
                     t0 = time.time()
                     try:
                         if impl == "nsa_flex":
-                            row.update(ours(x, cfg, sliding=cname != "fla", fla_pool=cname == "fla",
-                                            profile=a.profile, memory=a.memory))
-                            if a.parts and cname == "paper":
-                                row["parts"] = parts(x, cfg)
+                            row.update(ours(x, cfg, kernel, docs, fla_pool=cname == "fla",
+                                            profile=a.profile))
                         elif impl.startswith("sdpa"):
                             row.update(sdpa(x, impl))
                         elif impl == "fla":
@@ -476,11 +419,11 @@ def main():
                     torch.cuda.empty_cache()
                 del x
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  bf16 B=1 Hq={a.hq} Hkv={a.hkv}")
-    print(f"{'impl':<11}{'config':<7}{'T':>7}{'Dk':>5}{'Dv':>5}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}")
+    print(f"{'impl':<11}{'config':<7}{'T':>7}{'docs':>5}{'Dk':>5}{'Dv':>5}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}")
     for r in rows:
         f = lambda k: f"{r[k]:.2f}" if k in r else "err"
-        print(f"{r['impl']:<11}{r['config']:<7}{r['T']:>7}{r['Dk']:>5}{r['Dv']:>5}{f('fwd_ms'):>10}"
-              f"{f('fwdbwd_ms'):>12}{f('peak_mem_mib'):>10}")
+        print(f"{r['impl']:<11}{r['config']:<7}{r['T']:>7}{r['docs']:>5}{r['Dk']:>5}{r['Dv']:>5}"
+              f"{f('fwd_ms'):>10}{f('fwdbwd_ms'):>12}{f('peak_mem_mib'):>10}")
 
 
 if __name__ == "__main__":

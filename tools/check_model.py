@@ -11,11 +11,11 @@ an error exceeds ``--tol``. Every run uses the FlexAttention path of the operato
 
 On GPU (H100, torch 2.11) this found why compiling the model together with checkpointing gave
 wrong gradients: the BlockMask lists, recomputed inside the compiled graph, got a layout from
-Inductor that FlexAttention's kernels misread (``nsa_flex.backends.fixed_layout`` pins them; an
-excerpt of the generated code is in tools/results/logs-seventh/). Since then it passes on an
-H100 with no, full, per-op selective and every-2nd-block selective checkpointing
-(``--ac full selective --selective-option 2``); memory-budget checkpointing, which it does not
-exercise, stays refused on GPU (``nsa_flex.titan.check_compile_with_checkpointing``). On CPU
+Inductor that FlexAttention's kernels misread (``nsa_flex.backends.fixed_layout`` pins them).
+Since then it passes on an H100 with no, full, per-op selective and every-2nd-block selective
+checkpointing (``--ac full selective --selective-option 2``); memory-budget checkpointing, which
+it does not exercise, stays refused on GPU (``nsa_flex.titan.check_compile_with_checkpointing``).
+``--docs N`` runs the model with ``attn_mask_type="block_causal"`` on N packed documents. On CPU
 the FlexAttention backward exists only as eager math, which torch refuses by a device check
 before it runs; the tool lifts that check (CPU only) so the graph capture, the partitioning into
 forward and backward and the recompute can be checked there with ``aot_eager`` (Inductor has no
@@ -35,10 +35,11 @@ import torch
 def build(args):
     import torchtitan  # noqa: F401  (the model imports its protocols)
     from nsa_flex.model import NSATransformer, nsa_flavors
+    from nsa_flex.model.args import replace
 
-    a = copy.deepcopy(nsa_flavors["1b"])
-    a.dim, a.n_layers, a.n_heads, a.n_kv_heads = args.dim, args.layers, args.heads, args.kv_heads
-    a.vocab_size, a.max_seq_len, a.cmp_hidden = 512, max(1024, args.seq), 64
+    a = replace(nsa_flavors["1b"], dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                n_kv_heads=args.kv_heads, vocab_size=512, max_seq_len=max(1024, args.seq),
+                cmp_hidden=64, attn_mask_type="block_causal" if args.docs > 1 else "causal")
     torch.manual_seed(args.seed)
     m = NSATransformer(a)
     with torch.no_grad():
@@ -47,16 +48,19 @@ def build(args):
 
 
 def use_flex_on_cpu() -> None:
-    """On CPU the model calls the operator's FlexAttention path (its default there is the dense
-    path), and torch's CPU check on the FlexAttention backward is lifted. On CUDA nothing changes:
-    the model calls ``nsa_attention`` as in training."""
+    """On CPU the model calls the operator's flex backend (its default there is the dense one),
+    and torch's CPU check on the FlexAttention backward is lifted. On CUDA nothing changes: the
+    model calls ``nsa_attention`` as in training."""
     from nsa_flex import operator as op
+    from nsa_flex.kernels import flex_kernel
     import nsa_flex.model.model as mm
 
-    def flex_nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa=None, v_swa=None, return_indices=False):
-        op._check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa)
+    def flex_nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa=None, v_swa=None,
+                 return_indices=False, doc_ids=None, kernel=None):
+        op._check_inputs(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, doc_ids)
+        kernel = flex_kernel(q.dtype, q.shape[-1], v.shape[-1], config)
         return op._nsa(q, k, v, k_cmp, v_cmp, gates, config, k_swa, v_swa, return_indices,
-                       use_flex=True)
+                       kernel, doc_ids)
 
     mm.nsa_attention = flex_nsa
     import torch.nn.attention.flex_attention as fa
@@ -64,8 +68,8 @@ def use_flex_on_cpu() -> None:
     fa._validate_device = lambda *a, **k: None
 
 
-def gradients(model, x, y) -> dict[str, torch.Tensor]:
-    out = model(x)
+def gradients(model, x, y, doc_ids=None) -> dict[str, torch.Tensor]:
+    out = model(x, doc_ids)
     loss = torch.nn.functional.cross_entropy(out.flatten(0, 1).float(), y.flatten())
     loss.backward()
     strip = lambda n: n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
@@ -110,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=None,
                     help="largest relative gradient error accepted (default 1e-4 fp32, 3e-2 bf16)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--docs", type=int, default=1, help="packed documents per sequence (1: one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.seq % 64 or args.seq < 128:
@@ -132,10 +137,17 @@ def main(argv=None) -> int:
 
     if device.type == "cpu":
         use_flex_on_cpu()
+    else:
+        from nsa_flex import patches
+        patches.install()
     base = build(args).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(args.seed + 1)
     x, y = (torch.randint(0, 512, (1, args.seq), generator=gen).to(device) for _ in range(2))
-    ref = gradients(copy.deepcopy(base), x, y)
+    ids = None
+    if args.docs > 1:   # documents of random lengths
+        cuts = torch.randperm(args.seq - 1, generator=gen)[:args.docs - 1] + 1
+        ids = (torch.arange(args.seq)[:, None] >= cuts[None, :]).sum(-1)[None].to(device)
+    ref = gradients(copy.deepcopy(base), x, y, ids)
     ref_norm = grad_norm(ref).item()
     print(f"eager, no checkpointing: grad norm {ref_norm:.6g}", flush=True)
     rows, ok = [], True
@@ -145,7 +157,7 @@ def main(argv=None) -> int:
             apply_ac(m, ActivationCheckpoint(mode=ac, selective_ac_option=args.selective_option),
                      model_compile_enabled=True, op_sac_save_list=_op_sac_save_list)
         apply_compile(m, Compile(enable=True, components=["model"], backend=backend))
-        got = gradients(m, x, y)
+        got = gradients(m, x, y, ids)
         norm = grad_norm(got).item()
         worst, where = compare(ref, got)
         raw, raw_where = compare(ref, got, floor=0.0)   # shown, not judged: see compare()
@@ -160,7 +172,7 @@ def main(argv=None) -> int:
     if args.out:
         meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     torch=torch.__version__, dtype=args.dtype, seq=args.seq, layers=args.layers,
-                    dim=args.dim, heads=args.heads, kv_heads=args.kv_heads, tol=tol,
+                    dim=args.dim, heads=args.heads, kv_heads=args.kv_heads, tol=tol, docs=args.docs,
                     reference_grad_norm=ref_norm)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -7,7 +7,7 @@ parallel step then averages identical halves, and its loss is the single process
 rounding. Prints the loss of each run and the largest difference against the single process,
 writes JSON, and exits 1 when a difference exceeds ``--tol``.
 
-    python tools/check_parallel.py --out tools/results/parallel.json            # 2 GPUs or CPU
+    python tools/check_parallel.py --out parallel.json            # 2 GPUs or CPU
     python tools/check_parallel.py --config configs/100m.toml --steps 20 --concurrent ...
 
 With ``--concurrent`` the runs share the machine at once (wall time only; losses do not depend
