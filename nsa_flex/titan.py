@@ -22,6 +22,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 
 from nsa_flex.data.datasets import register_datasets
 from nsa_flex.data.tokenizer import load_tokenizer
+from nsa_flex.hf import NSAStateDictAdapter
 from nsa_flex.infra.parallelize import parallelize_nsa
 from nsa_flex.infra.pipeline import pipeline_nsa
 from nsa_flex.model import NSATransformer, nsa_flavors
@@ -84,12 +85,13 @@ def get_train_spec() -> TrainSpec:
         build_tokenizer_fn=build_nsa_tokenizer,
         build_loss_fn=build_cross_entropy_loss,
         build_validator_fn=build_validator,
-        state_dict_adapter=None,
+        state_dict_adapter=NSAStateDictAdapter,
     )
 
 
 def register() -> None:
-    """Register the ``nsa`` TrainSpec, and the dense baseline ``llama3_dense`` (idempotent)."""
+    """Register the ``nsa`` TrainSpec, the dense baseline ``llama3_dense`` and the sliding-window
+    control ``nsa_window`` (idempotent)."""
     from nsa_flex.cpu import use_cpu_if_no_accelerator
 
     register_datasets()
@@ -100,3 +102,6 @@ def register() -> None:
 
     if baseline.SPEC_NAME not in train_spec_module._extra_train_specs:
         train_spec_module.register_train_spec(baseline.SPEC_NAME, baseline.get_train_spec())
+    from nsa_flex.window_only import register_window_only
+
+    register_window_only()
