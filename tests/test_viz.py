@@ -5,6 +5,7 @@ hand-made selection; the analysis against the operator's own results; the projec
 recomputes against what the model feeds the operator; checkpoints; inputs; error messages.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -346,3 +347,36 @@ def test_tiles_are_the_operators(G):
     assert torch.equal(tile_states(viz), tile_states(ours))
     want = dense_mask(selected_mask(table4, cfg.sel_block, G), 1, 1, T * G, T)
     assert torch.equal(computed_mask(viz), want) and torch.equal(computed_mask(ours), want)
+
+
+def test_documents_analysis_reproduces_the_operator_and_crosses_nothing():
+    """With packed documents the analysis takes the operator's selection (each document's own
+    block numbering) and no branch reaches a key of another document."""
+    T, G = 300, 2
+    q, k, v, _, _, gates = random_head(T)
+    ids = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 1, 120, 9, 130]))[None]
+    g = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(1, T // CFG.cmp_stride, 2, d, generator=g) for d in (16, 8))
+    _, idx_op = op._nsa(q, k, v, kc, vc, gates, CFG, None, None, True, KernelConfig("dense"), ids)
+    for h in range(2):
+        hi = A.head_inputs(q, kc, gates, CFG, h, ids)
+        an = A.analyse_head(hi)
+        assert torch.equal(an.idx.sort(-1).values, idx_op[0, :, h].sort(-1).values)
+        assert an.cross_document == 0
+        assert an.tiles.totals()["pairs_missed"] == 0
+        # the same analysis without the document mask does cross
+        plain = A.analyse_head(A.head_inputs(q, kc[:, :CFG.num_cmp_blocks(T)], gates, CFG, h))
+        assert plain.counts["slc"].sum() != an.counts["slc"].sum()
+
+
+def test_cli_draws_document_boundaries(tmp_path):
+    out = tmp_path / "viz"
+    proc = subprocess.run([sys.executable, "tools/visualize_masks.py", "--flavor", "debug",
+                           "--nsa", "attn_mask_type=block_causal", "--input", "corpus:7",
+                           "--seq-len", "800", "--layers", "0", "--out", str(out)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert all(r["documents"] > 1 and r["cross_document_pairs"] == 0 for r in stats["records"])
+    assert stats["meta"]["documents"].split(",")[0].isdigit()
+    assert (out / "L00_H0_branches.png").stat().st_size > 10_000

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from masks import compressed_mask, heads_first, pack_gqa, selected_mask, selection_table, sliding_window_mask
+from masks import (compressed_document_mask, compressed_mask, heads_first, pack_gqa,
+                   selected_mask, selection_table, sliding_window_mask)
 from masks.readback import FULL, PARTIAL, SKIPPED, tile_states
 from nsa_flex.backends import dense_attention
 from nsa_flex.config import NSAConfig
 from nsa_flex.kernels import KernelConfig, flex_kernel
-from nsa_flex.operator import selected_block_mask_of
+from nsa_flex.operator import Documents, selected_block_mask_of
 from nsa_flex.selection import select_blocks, selection_scores
 
 __all__ = [
@@ -54,6 +55,11 @@ class HeadInputs:
     cfg: NSAConfig
     group: int
     scale: float
+    docs: Documents | None = None   # packed documents (start [1, T], cmp_ends [1, T // d])
+
+    @property
+    def doc_start(self):
+        return None if self.docs is None else self.docs.start
 
     @property
     def seq_len(self) -> int:
@@ -61,14 +67,16 @@ class HeadInputs:
 
 
 def head_inputs(q: torch.Tensor, k_cmp: torch.Tensor, gates: torch.Tensor, cfg: NSAConfig,
-                kv_head: int) -> HeadInputs:
-    """q [1, T, Hq, Dk], k_cmp [1, Tc, Hkv, Dk], gates [1, T, Hq, 3] -> KV head ``kv_head``."""
+                kv_head: int, doc_ids: torch.Tensor | None = None) -> HeadInputs:
+    """q [1, T, Hq, Dk], k_cmp [1, Tc, Hkv, Dk], gates [1, T, Hq, 3] -> KV head ``kv_head``;
+    with ``doc_ids`` [1, T] k_cmp holds T // d slots (the operator's document layout)."""
     Hq, Hkv = q.shape[2], k_cmp.shape[2]
     G = Hq // Hkv
     sl = slice(kv_head * G, (kv_head + 1) * G)
     return HeadInputs(
         qp=pack_gqa(q[:, :, sl], 1), k_cmp=heads_first(k_cmp[:, :, kv_head:kv_head + 1]),
-        gates=gates[0, :, sl].float(), cfg=cfg, group=G, scale=cfg.softmax_scale(q.shape[-1]))
+        gates=gates[0, :, sl].float(), cfg=cfg, group=G, scale=cfg.softmax_scale(q.shape[-1]),
+        docs=None if doc_ids is None else Documents.of(doc_ids, cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +85,7 @@ def head_inputs(q: torch.Tensor, k_cmp: torch.Tensor, gates: torch.Tensor, cfg: 
 
 @torch.no_grad()
 def compressed_lse(qp, k_cmp, cfg: NSAConfig, group: int, scale: float,
-                   max_elems: int | None = None) -> torch.Tensor:
+                   max_elems: int | None = None, docs: Documents | None = None) -> torch.Tensor:
     """The compressed branch's log-sum-exp [B, H, T*G] (natural log, −inf where no block is
     visible): ``backends.dense_attention`` under ``masks.compressed_mask``, as the operator's
     CPU path computes it, evaluated over chunks of query rows (rows are independent)."""
@@ -85,7 +93,8 @@ def compressed_lse(qp, k_cmp, cfg: NSAConfig, group: int, scale: float,
     Tc = k_cmp.shape[2]
     if Tc == 0:
         return qp.new_full((B, H, TG), float("-inf"), dtype=torch.float32)
-    mask_mod = compressed_mask(cfg.cmp_block, cfg.cmp_stride, group)
+    mask_mod = (compressed_mask(cfg.cmp_block, cfg.cmp_stride, group) if docs is None
+                else compressed_document_mask(docs.cmp_ends, docs.start, group))
     v = qp.new_zeros(B, H, Tc, 1)  # the LSE does not depend on the values
     kv = torch.arange(Tc, device=qp.device)
     chunk = max(1, (max_elems or _elems_budget(qp.device)) // (Tc * B * H))
@@ -163,33 +172,53 @@ def _row_chunks(p: Pooling, width: int, budget: int):
 # token-level masks of the three branches
 
 
-def _num_visible(cfg: NSAConfig, Tc: int, pos: torch.Tensor) -> torch.Tensor:
-    """Compressed blocks visible to each position [P] (from the compressed mask_mod)."""
+def _visible(cfg: NSAConfig, Tc: int, pos: torch.Tensor, docs: Documents | None = None):
+    """[P, Tc] compressed keys visible to each position (the compressed mask_mod)."""
+    i = torch.arange(Tc, device=pos.device)
+    if docs is None:
+        return compressed_mask(cfg.cmp_block, cfg.cmp_stride, 1)(0, 0, pos[:, None], i[None, :])
+    return compressed_document_mask(docs.cmp_ends, docs.start, 1)(0, 0, pos[:, None], i[None, :])
+
+
+def _num_visible(cfg: NSAConfig, Tc: int, pos: torch.Tensor, docs: Documents | None = None) -> torch.Tensor:
+    """Compressed blocks visible to each position [P]."""
     if Tc == 0:
         return torch.zeros_like(pos)
-    i = torch.arange(Tc, device=pos.device)
-    return compressed_mask(cfg.cmp_block, cfg.cmp_stride, 1)(0, 0, pos[:, None], i[None, :]).sum(-1)
+    return _visible(cfg, Tc, pos, docs).sum(-1)
 
 
 def _branch_masks(table4: torch.Tensor, cfg: NSAConfig, Tc: int, pos: torch.Tensor,
-                  keys: torch.Tensor) -> dict[str, torch.Tensor]:
+                  keys: torch.Tensor, docs: Documents | None = None) -> dict[str, torch.Tensor]:
     """Token masks [P, K] of positions ``pos`` over ``keys``: the compressed branch's coverage
-    (the tokens its visible blocks summarise), the selected blocks, the sliding window, and
-    causality."""
+    (the tokens its visible blocks summarise), the selected blocks, the sliding window,
+    causality, and (with documents) the query's own document."""
     t, s = pos[:, None], keys[None, :]
-    nvis = _num_visible(cfg, Tc, pos)
-    end = torch.where(nvis > 0, (nvis - 1) * cfg.cmp_stride + cfg.cmp_block, 0)
+    start = None if docs is None else docs.start
+    if Tc == 0:
+        cmp_ = torch.zeros_like(s <= t)
+    else:   # the tokens of each visible block: [e − l + 1, e] for its last token e
+        if docs is None:
+            e = torch.arange(Tc, device=pos.device) * cfg.cmp_stride + cfg.cmp_block - 1
+        else:
+            e = docs.cmp_ends[0, :Tc]
+        vis = _visible(cfg, Tc, pos, docs)                                    # [P, Tc]
+        first = torch.where(vis, e - cfg.cmp_block + 1, torch.iinfo(torch.int32).max).amin(-1)
+        last = torch.where(vis, e, -1).amax(-1)
+        cmp_ = (s >= first[:, None]) & (s <= last[:, None])
+    own = (s <= t) if start is None else (s <= t) & (s >= start[0, pos][:, None])
     return {
-        "cmp": s < end[:, None],
-        "slc": selected_mask(table4, cfg.sel_block, 1)(0, 0, t, s),
-        "swa": sliding_window_mask(cfg.window, 1)(0, 0, t, s),
+        "cmp": cmp_,
+        "slc": selected_mask(table4, cfg.sel_block, 1, start)(0, 0, t, s),
+        "swa": sliding_window_mask(cfg.window, 1, start)(0, 0, t, s),
         "causal": s <= t,
+        "own": own,
     }
 
 
 @torch.no_grad()
 def branch_images(idx: torch.Tensor, cfg: NSAConfig, seq_len: int, pooling: Pooling,
-                  table4: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  table4: torch.Tensor | None = None, docs: Documents | None = None,
+                  Tc: int | None = None) -> dict[str, torch.Tensor]:
     """Max-pooled token patterns over ``pooling`` (rows = query positions, cols = keys).
 
     idx [T, n] selected block numbers (−1 unused) of one KV head. Returns bool [R, C] images
@@ -197,18 +226,20 @@ def branch_images(idx: torch.Tensor, cfg: NSAConfig, seq_len: int, pooling: Pool
     device = idx.device
     if table4 is None:
         table4 = selection_table(idx[None, None], cfg.num_sel_blocks(seq_len))
-    Tc = cfg.num_cmp_blocks(seq_len)
+    if Tc is None:
+        Tc = cfg.num_cmp_blocks(seq_len) if docs is None else docs.cmp_ends.shape[1]
     keys = torch.arange(pooling.c0, pooling.c1, device=device)
     parts: dict[str, list] = {"cmp": [], "slc": [], "swa": [], "causal": []}
     for a, b in _row_chunks(pooling, len(keys), _elems_budget(device)):
-        m = _branch_masks(table4, cfg, Tc, torch.arange(a, b, device=device), keys)
+        m = _branch_masks(table4, cfg, Tc, torch.arange(a, b, device=device), keys, docs)
         for name in parts:
             parts[name].append(pool_max(m[name], pooling.fr, pooling.fc))
     return {name: torch.cat(v, 0) for name, v in parts.items()}
 
 
 def block_codes(idx: torch.Tensor, cfg: NSAConfig, pos: torch.Tensor, num_sel: int) -> torch.Tensor:
-    """[P, Ts] int8 codes of BLOCK_CODES for positions ``pos`` from their selection idx [P, n]."""
+    """[P, Ts] int8 codes of BLOCK_CODES for positions ``pos`` (counted in their document) from
+    their selection idx [P, n]."""
     j = torch.arange(num_sel, device=idx.device)
     cur = (pos // cfg.sel_block)[:, None]
     cand = j <= cur
@@ -235,9 +266,13 @@ def score_images(h: HeadInputs, lse: torch.Tensor, idx: torch.Tensor, pooling: P
     budget = max(1, _elems_budget(h.qp.device) // max(1, Tc * h.group)) * cols
     scores, codes = [], []
     for a, b in _row_chunks(pooling, cols, budget):
-        p = selection_scores(h.qp, h.k_cmp, lse, h.cfg, h.scale, h.group, a, b)[0, 0] / h.group
+        docs = () if h.docs is None else (h.docs.start, h.docs.cmp_ends)
+        p = selection_scores(h.qp, h.k_cmp, lse, h.cfg, h.scale, h.group, a, b, None, *docs)[0, 0] / h.group
         scores.append(pool_max(p[:, pooling.c0:pooling.c1], pooling.fr, pooling.fc))
-        c = block_codes(idx[a:b], h.cfg, torch.arange(a, b, device=idx.device), Ts)
+        pos = torch.arange(a, b, device=idx.device)
+        if h.docs is not None:
+            pos = pos - h.docs.start[0, a:b]
+        c = block_codes(idx[a:b], h.cfg, pos, Ts)
         codes.append(pool_max(c[:, pooling.c0:pooling.c1], pooling.fr, pooling.fc))
     return torch.cat(scores, 0), torch.cat(codes, 0)
 
@@ -274,13 +309,14 @@ class TileWork:
 
 
 def selected_block_mask(idx4: torch.Tensor, table4: torch.Tensor, cfg: NSAConfig, group: int,
-                        head_dim: int = 128):
+                        head_dim: int = 128, docs: Documents | None = None):
     """The selected branch's BlockMask of one KV head (idx4 [1, 1, T, n] block numbers, table4
     their selection_table), the one ``operator.selected_branch`` gives FlexAttention on a GPU
     in bf16 (without query splits)."""
     tiles = flex_kernel(torch.bfloat16, head_dim, head_dim, cfg).slc
-    return selected_block_mask_of(idx4, selected_mask(table4, cfg.sel_block, group), cfg, group,
-                                  tiles)(1)
+    start = None if docs is None else docs.start
+    return selected_block_mask_of(idx4, selected_mask(table4, cfg.sel_block, group, start), cfg,
+                                  group, tiles, docs)(1)
 
 
 @dataclass
@@ -292,6 +328,7 @@ class HeadAnalysis:
     tiles: TileWork
     counts: dict[str, torch.Tensor]    # per position [T] int64: keys each branch attends
     table4: torch.Tensor = field(repr=False)
+    cross_document: int = 0            # (query, key) pairs any branch takes from another document
 
 
 @torch.no_grad()
@@ -300,10 +337,11 @@ def analyse_head(h: HeadInputs) -> HeadAnalysis:
     cfg, G, T = h.cfg, h.group, h.seq_len
     device = h.qp.device
     Tc, Ts = h.k_cmp.shape[2], cfg.num_sel_blocks(T)
-    lse = compressed_lse(h.qp, h.k_cmp, cfg, G, h.scale)
-    idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T, KernelConfig("dense"))  # [1, 1, T, n]
+    lse = compressed_lse(h.qp, h.k_cmp, cfg, G, h.scale, docs=h.docs)
+    docs = () if h.docs is None else (h.docs.start, h.docs.cmp_ends)
+    idx4 = select_blocks(h.qp, h.k_cmp, lse, cfg, h.scale, G, T, KernelConfig("dense"), *docs)  # [1, 1, T, n]
     table4 = selection_table(idx4, Ts)                                   # [1, 1, T, Ts]
-    bm = selected_block_mask(idx4, table4, cfg, G, h.qp.shape[-1])
+    bm = selected_block_mask(idx4, table4, cfg, G, h.qp.shape[-1], h.docs)
     states = tile_states(bm)[0, 0]
     QB, KB = bm.BLOCK_SIZE
     Mq, Nkv = states.shape
@@ -315,11 +353,13 @@ def analyse_head(h: HeadInputs) -> HeadAnalysis:
     keys = torch.arange(T, device=device)
     step = max(1, _elems_budget(device) // T)
     pad = Nkv * KB - T
+    cross = 0
     for a in range(0, T, step):
         pos = torch.arange(a, min(T, a + step), device=device)
-        m = _branch_masks(table4, cfg, Tc, pos, keys)
-        counts["causal"][pos] = m["causal"].sum(-1)
-        counts["cmp_keys"][pos] = _num_visible(cfg, Tc, pos)
+        m = _branch_masks(table4, cfg, Tc, pos, keys, h.docs)
+        cross += int(((m["cmp"] | m["slc"] | m["swa"]) & ~m["own"]).sum())
+        counts["causal"][pos] = m["own"].sum(-1)
+        counts["cmp_keys"][pos] = _num_visible(cfg, Tc, pos, h.docs)
         counts["cmp_tokens"][pos] = m["cmp"].sum(-1)
         counts["slc"][pos] = m["slc"].sum(-1)
         counts["swa"][pos] = m["swa"].sum(-1)
@@ -331,7 +371,8 @@ def analyse_head(h: HeadInputs) -> HeadAnalysis:
     cols = torch.clamp(torch.arange(1, Nkv + 1, device=device) * KB, max=T) - torch.arange(Nkv, device=device) * KB
     tiles = TileWork(states=states, needed=needed, area=rows[:, None] * cols[None, :],
                      q_block=QB, kv_block=KB, group=G)
-    return HeadAnalysis(idx=idx4[0, 0], lse=lse, tiles=tiles, counts=counts, table4=table4)
+    return HeadAnalysis(idx=idx4[0, 0], lse=lse, tiles=tiles, counts=counts, table4=table4,
+                        cross_document=cross)
 
 
 @torch.no_grad()

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel compile) or 'flex' (the compiled FlexAttention kernels used in "
                         "training; the first run on a machine compiles them, about a minute). "
                         "On CPU both are the dense path")
+    p.add_argument("--documents", default="auto", choices=("auto", "on", "off"),
+                   help="treat the input as packed documents that end at the tokenizer's EOS, as "
+                        "attn_mask_type='block_causal' trains them ('auto': when the model's "
+                        "attn_mask_type says so); boundaries are drawn and stats.json counts the "
+                        "pairs any branch takes across them (0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the needle")
     p.add_argument("--jobs", type=int, default=0,
                    help="processes drawing the pictures (default: up to 8, by CPU count)")
@@ -191,6 +196,16 @@ def run(argv: list[str] | None = None) -> dict:
          + (f", loading {ckpt}" if ckpt else f", random weights (seed {a.seed})"))
     model = build_model(args, device, dtype, a.seed, ckpt, layout)
     tokens = torch.tensor([seq.tokens], device=device)
+    doc_ids = None
+    if a.documents == "on" or (a.documents == "auto" and args.attn_mask_type == "block_causal"):
+        from masks import doc_ids_from_eos
+        if tok.eos_id is None:
+            raise VizError("--documents: the tokenizer has no EOS token to end documents at")
+        doc_ids = doc_ids_from_eos(tokens, tok.eos_id)
+    doc_starts = [] if doc_ids is None else \
+        [0] + (torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1).tolist()
+    if doc_ids is not None:
+        _log(t_start, f"{len(doc_starts)} documents (ending at EOS)")
     _log(t_start, f"forward up to layer {max(layers)}"
          + (f" ({a.forward} attention)" if device.type == "cuda" else ""))
     if a.forward == "dense":   # the operator's dense backend: no FlexAttention kernels to compile
@@ -200,7 +215,7 @@ def run(argv: list[str] | None = None) -> dict:
         for m in model.modules():
             if isinstance(m, NSAAttention):
                 m.kernel = KernelConfig("dense")
-    captured = capture_attention_inputs(model, tokens, layers)
+    captured = capture_attention_inputs(model, tokens, layers, doc_ids=doc_ids)
     if device.type == "cuda":
         torch.cuda.synchronize()
     _log(t_start, "forward done")
@@ -219,10 +234,10 @@ def run(argv: list[str] | None = None) -> dict:
     for li in layers:
         x, freqs_cis, positions = captured[li]
         attn = model.layers[str(li)].attention
-        tens = attention_tensors(attn, x, freqs_cis, positions)
+        tens = attention_tensors(attn, x, freqs_cis, positions, doc_ids)
         for h in heads:
             t0 = time.perf_counter()
-            hi = head_inputs(tens["q"], tens["k_cmp"], tens["gates"], attn.nsa_config, h)
+            hi = head_inputs(tens["q"], tens["k_cmp"], tens["gates"], attn.nsa_config, h, doc_ids)
             an = analyse_head(hi)
             tw = an.tiles
             name = f"L{li:02d}_H{h}"
@@ -230,13 +245,14 @@ def run(argv: list[str] | None = None) -> dict:
                      f"T={T}, {flavor}" + (", checkpoint" if ckpt else ", random weights"))
             # token patterns
             pb = pooling_for(q_lo, q_hi, 0, q_hi, max_px)
-            imgs = branch_images(an.idx, hi.cfg, T, pb, an.table4)
+            imgs = branch_images(an.idx, hi.cfg, T, pb, an.table4, hi.docs, hi.k_cmp.shape[2])
             note_b = ("cropped to the query range: " if crop else "") + pb.describe()
             pinfo = dict(r0=pb.r0, c0=pb.c0, fr=pb.fr, fc=pb.fc, shape=pb.shape, note=note_b)
             files = {k: f"{name}_{k}.png" for k in ("branches", "tiles", "scores", "gates")}
             tasks.append(("render_branches", dict(
                 path=str(out / files["branches"]), images={k: _np(v) for k, v in imgs.items()},
-                pooling=pinfo, title=title, cfg=cfg_d, needle=seq.needle)))
+                pooling=pinfo, title=title, cfg=cfg_d, needle=seq.needle,
+                doc_starts=[d for d in doc_starts if 0 < d < q_hi])))
             # tiles
             QB, KB = tw.q_block, tw.kv_block
             m0, m1 = (q_lo * G) // QB, -(-(q_hi * G) // QB)
@@ -283,6 +299,7 @@ def run(argv: list[str] | None = None) -> dict:
             for scope, a0, a1, tot in scopes:
                 gm = hi.gates[a0:a1].mean(dim=(0, 1)).tolist()
                 rec = dict(layer=li, kv_head=h, scope=scope, q_lo=a0, q_hi=a1 - 1, positions=a1 - a0,
+                           documents=max(1, len(doc_starts)), cross_document_pairs=an.cross_document,
                            **sparsity(an.counts, a0, a1), gate_cmp=gm[0], gate_slc=gm[1],
                            gate_swa=gm[2], **tot, **selection_sharing(an.idx, a0, a1))
                 records.append(rec)
@@ -304,6 +321,8 @@ def run(argv: list[str] | None = None) -> dict:
         "command": "visualize_masks " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])),
         "flavor": flavor, "weights": str(ckpt) if ckpt else f"random (seed {a.seed})",
         "input": seq.description, "seq_len": T, "query_range": f"{q_lo}–{q_hi - 1}",
+        "documents": (f"{len(doc_starts)}, starting at {doc_starts[:20]}" if doc_ids is not None
+                      else "one (no document mask)"),
         "layers": ",".join(map(str, layers)), "kv_heads": ",".join(map(str, heads)),
         "query heads per KV head (G)": G, "nsa": ", ".join(f"{k}={v}" for k, v in cfg_d.items())
         + f", kv_mode={args.kv_mode}", "device": f"{device} ({str(dtype).replace('torch.', '')})"

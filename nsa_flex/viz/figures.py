@@ -30,6 +30,7 @@ TILE_COLORS = {0: DARK, 1: (0.95, 0.50, 0.10), 2: (0.25, 0.80, 0.45)}
 TILE_NAMES = {0: "skipped", 1: "partial (masked)", 2: "full (no mask)"}
 BLOCK_COLORS = {0: FUTURE, 1: DARK, 2: SWA, 3: CMP, 4: SLC}
 NEEDLE = (0.0, 1.0, 1.0)
+DOC = (1.0, 0.25, 0.85)              # a packed document starts
 SKIPPED_GRAY = (0.80, 0.80, 0.80)
 
 
@@ -139,11 +140,12 @@ def branch_rgb(images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def render_branches(path, images: dict[str, np.ndarray], pooling: dict, title: str,
-                    cfg: dict, needle=None, target_px: int = 512) -> dict:
+                    cfg: dict, needle=None, target_px: int = 512, doc_starts=()) -> dict:
     """Token-level patterns of the three branches and their union (2 x 2 panels).
 
     images: bool [R, C] "cmp", "slc", "swa", "causal" (rows = queries, cols = keys);
-    pooling: {r0, c0, fr, fc, shape, note}. Returns the panel rectangles."""
+    pooling: {r0, c0, fr, fc, shape, note}; doc_starts: first positions of packed documents
+    (after the first), drawn as boundaries. Returns the panel rectangles."""
     R, C = images["slc"].shape
     sy, sx = cell_scale(R, C, target_px)
     w, h = C * sx, R * sy
@@ -160,10 +162,14 @@ def render_branches(path, images: dict[str, np.ndarray], pooling: dict, title: s
     for name, ax in lay.axes.items():
         _show(ax, rgb[name], ext, titles[name], "key position", "query position")
         _needle_marks(ax, needle)
+        for d in doc_starts:   # a document starts: no branch reaches left of it from below
+            ax.axvline(d - 0.5, color=DOC, lw=0.7)
+            ax.axhline(d - 0.5, color=DOC, lw=0.7)
     _legend(lay.axes["slc"], [("attended", SLC), ("not attended (causal)", DARK), ("future", FUTURE)])
     _legend(lay.axes["union"], [("selected + sliding", BOTH), ("selected", SLC), ("sliding", SWA),
                                 ("compressed only (coarse)", CMP_DIM), ("none", DARK), ("future", FUTURE)]
-            + ([("needle", NEEDLE)] if needle else []))
+            + ([("needle", NEEDLE)] if needle else [])
+            + ([("document boundary", DOC)] if len(doc_starts) else []))
     lay.fig.suptitle(title + "\n" + pooling["note"], fontsize=FONT + 1, y=1 - 12 / lay.height,
                      va="top")
     return lay.save(path)

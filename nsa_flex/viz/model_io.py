@@ -106,9 +106,10 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture_attention_inputs(model, tokens: torch.Tensor, layers: list[int],
-                             stop: bool = True) -> dict[int, tuple]:
-    """Run the forward (up to the last requested layer's attention when ``stop``); return
-    {layer: (x, freqs_cis, positions)}, the inputs of each requested layer's attention module."""
+                             stop: bool = True, doc_ids: torch.Tensor | None = None) -> dict[int, tuple]:
+    """Run the forward (up to the last requested layer's attention when ``stop``; with packed
+    documents ``doc_ids``); return {layer: (x, freqs_cis, positions)}, the inputs of each
+    requested layer's attention module."""
     captured: dict[int, tuple] = {}
     last = max(layers)
     handles = []
@@ -125,7 +126,7 @@ def capture_attention_inputs(model, tokens: torch.Tensor, layers: list[int],
     for i in layers:
         handles.append(model.layers[str(i)].attention.register_forward_pre_hook(hook_for(i)))
     try:
-        model(tokens)
+        model(tokens, doc_ids)
     except _Stop:
         pass
     finally:
@@ -135,16 +136,20 @@ def capture_attention_inputs(model, tokens: torch.Tensor, layers: list[int],
 
 
 @torch.no_grad()
-def attention_tensors(attn, x: torch.Tensor, freqs_cis: torch.Tensor, positions=None) -> dict:
+def attention_tensors(attn, x: torch.Tensor, freqs_cis: torch.Tensor, positions=None,
+                      doc_ids=None) -> dict:
     """q (RoPE), k (RoPE), k_cmp and gates of one NSAAttention module for its input x, computed
     with the module's own projections exactly as its forward does (values are not needed)."""
+    from masks import compressed_block_ends
     from nsa_flex.model.model import apply_rotary_emb
 
     bs, T, _ = x.shape
     xq = attn.wq(x).view(bs, T, -1, attn.head_dim)
     xk = attn.wk(x).view(bs, T, -1, attn.head_dim)
     kc = attn.wk_cmp(x).view(bs, T, -1, attn.head_dim) if attn.kv_mode == "separate" else xk
-    k_cmp = attn.compress_k(kc)
+    cfg = attn.nsa_config
+    ends = None if doc_ids is None else compressed_block_ends(doc_ids, cfg.cmp_block, cfg.cmp_stride)
+    k_cmp = attn.compress_k(kc, ends)
     gates = torch.sigmoid(attn.gate(x).view(bs, T, -1, 3))
     q, k = apply_rotary_emb(xq, xk, freqs_cis, positions)
     return {"q": q, "k": k, "k_cmp": k_cmp, "gates": gates}
