@@ -174,9 +174,14 @@ def build_model(args, device: torch.device, dtype: torch.dtype, seed: int = 0,
     """The NSA transformer, initialised with ``seed`` or loaded from ``checkpoint``, in eval mode."""
     from nsa_flex.model import NSATransformer
 
+    return _built(NSATransformer, args, device, dtype, seed, checkpoint, ckpt_layout)
+
+
+def _built(model_cls, args, device, dtype, seed, checkpoint, ckpt_layout):
+    """``model_cls(args)`` initialised with ``seed`` or loaded from ``checkpoint``, in eval mode."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = NSATransformer(args)
+        model = model_cls(args)
     with torch.no_grad():
         model.init_weights(buffer_device=device)
     if checkpoint is not None:
@@ -250,12 +255,4 @@ def build_named_model(name: str, args, device: torch.device, dtype: torch.dtype,
         raise CheckpointError(f"--model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     from torchtitan.models.llama3 import Transformer
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Transformer(args)
-    with torch.no_grad():
-        model.init_weights(buffer_device=device)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, *ckpt_layout)
-    model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
-    return model.eval()
+    return _built(Transformer, args, device, dtype, seed, checkpoint, ckpt_layout)

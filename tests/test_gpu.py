@@ -1,6 +1,7 @@
 """The compiled operator on a GPU (skipped without CUDA): every shape the contract admits either
 compiles and matches the float64 reference (forward and every gradient, float32 with TF32 off),
-or is refused before compute. Run on a CUDA machine: ``python -m pytest tests/test_gpu.py``."""
+or is refused before compute. Run on a CUDA machine, one line per test as it ends:
+``python -m pytest tests/test_gpu.py -o addopts="" -v -n 8 --timeout 300``."""
 
 import pytest
 import torch
