@@ -126,12 +126,11 @@ def tiled_block_mask(any_, all_, mask_mod, B, Lq, Lk, q_block, kv_block, S):
     The static branches' masks depend on positions (and documents) only: a BlockMask of one head,
     which FlexAttention broadcasts over the KV heads (at 64k the sliding branch's four lists take
     64 MiB instead of 256 with Hkv = 4)."""
-    heads = 1
     if S > 1:
         Mq, Nkv = any_.shape[-2:]
-        any_, all_ = (split_rows(t.expand(B, heads, Mq, Nkv), S) for t in (any_, all_))
+        any_, all_ = (split_rows(t.expand(B, 1, Mq, Nkv), S) for t in (any_, all_))
         mask_mod = split_mask_mod(mask_mod, S, Lq // S, B)
-    return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, heads)
+    return block_mask_from_tiles(any_, all_, mask_mod, Lq // S, Lk, q_block, kv_block, B * S, 1)
 
 
 def flex_attend(q, k, v, block_mask, scale: float, tiles: FlexTiles, need_lse: bool):

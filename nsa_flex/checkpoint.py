@@ -103,18 +103,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
                        f"(step-N with a .metadata file, or the folder holding step-N folders)")
     if (p / ".metadata").is_file():
         return p
+    newest = newest_step(p, lambda d: (d / ".metadata").is_file())
+    if newest is not None:
+        return newest
+    raise CheckpointError(f"--checkpoint {p} holds no DCP checkpoint: expected a .metadata file there or "
+                   f"step-N folders with one (torchtitan writes <dump_folder>/checkpoint/step-N)")
+
+
+def newest_step(p: Path, is_checkpoint) -> Path | None:
+    """The newest ``step-N`` folder for which ``is_checkpoint(folder)`` holds, in ``p`` or in its
+    ``checkpoint/`` (torchtitan's layout), or None."""
     for folder in (p, p / "checkpoint"):
         if not folder.is_dir():
             continue
-        steps = []
-        for d in folder.iterdir():
-            m = re.fullmatch(r"step-(\d+)", d.name)
-            if m and (d / ".metadata").is_file():
-                steps.append((int(m.group(1)), d))
+        steps = [(int(m.group(1)), d) for d in folder.iterdir()
+                 if (m := re.fullmatch(r"step-(\d+)", d.name)) and is_checkpoint(d)]
         if steps:
             return max(steps)[1]
-    raise CheckpointError(f"--checkpoint {p} holds no DCP checkpoint: expected a .metadata file there or "
-                   f"step-N folders with one (torchtitan writes <dump_folder>/checkpoint/step-N)")
+    return None
 
 
 def checkpoint_model_keys(ckpt: Path) -> tuple[str, dict[str, torch.Size]]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from nsa_flex.checkpoint import (CheckpointError, build_model, checkpoint_model_keys, model_args,
-                                 parse_overrides, read_config, resolve_checkpoint)
+                                 newest_step, parse_overrides, read_config, resolve_checkpoint)
 from nsa_flex.decode import CacheCapacityError, NSADecoder
 from nsa_flex.hf import CONFIG_NAME, HFExportError, args_from_config, load_hf_state_dict
 from nsa_flex.hf import read_config as read_hf_config
@@ -65,17 +64,9 @@ def resolve_model_path(path: str | Path) -> tuple[str, Path]:
     if (p / ".metadata").is_file():
         return "dcp", p
     if p.is_dir():
-        for folder in (p, p / "checkpoint"):
-            if not folder.is_dir():
-                continue
-            steps = []
-            for d in folder.iterdir():
-                m = re.fullmatch(r"step-(\d+)", d.name)
-                if m and ((d / ".metadata").is_file() or is_hf_export(d)):
-                    steps.append((int(m.group(1)), d))
-            if steps:
-                d = max(steps)[1]
-                return ("dcp" if (d / ".metadata").is_file() else "hf"), d
+        d = newest_step(p, lambda d: (d / ".metadata").is_file() or is_hf_export(d))
+        if d is not None:
+            return ("dcp" if (d / ".metadata").is_file() else "hf"), d
         if (p / CONFIG_NAME).is_file() or (p / "model.safetensors.index.json").is_file():
             if not (p / CONFIG_NAME).is_file():
                 raise HFExportError(f"{p} holds safetensors but no {CONFIG_NAME}: export it with the "

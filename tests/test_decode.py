@@ -28,13 +28,7 @@ CFG_A = NSAConfig(cmp_block=4, cmp_stride=2, sel_block=8, sel_topn=3, n_init=1, 
 CFG_B = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=8, sel_topn=4, n_init=1, n_local=2, window=9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Per-token ops are tiny: on a 2-core machine thread hand-offs cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def make_model(kv_mode="separate", n_heads=4, n_kv_heads=2, nsa=CFG_A, seed=0, **kw) -> NSATransformer:

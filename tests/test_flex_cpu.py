@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from masks import document_starts, pack_gqa
+from masks import pack_gqa
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
 from nsa_flex.backends import effective_splits

@@ -36,13 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROMPT = "def parse_args(argv):\n    "
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Per-token ops are tiny: on a 2-core machine thread hand-offs cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

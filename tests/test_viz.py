@@ -352,7 +352,7 @@ def test_tiles_are_the_operators(G):
 def test_documents_analysis_reproduces_the_operator_and_crosses_nothing():
     """With packed documents the analysis takes the operator's selection (each document's own
     block numbering) and no branch reaches a key of another document."""
-    T, G = 300, 2
+    T = 300
     q, k, v, _, _, gates = random_head(T)
     ids = torch.repeat_interleave(torch.arange(5), torch.tensor([40, 1, 120, 9, 130]))[None]
     g = torch.Generator().manual_seed(5)
@@ -380,3 +380,15 @@ def test_cli_draws_document_boundaries(tmp_path):
     assert all(r["documents"] > 1 and r["cross_document_pairs"] == 0 for r in stats["records"])
     assert stats["meta"]["documents"].split(",")[0].isdigit()
     assert (out / "L00_H0_branches.png").stat().st_size > 10_000
+
+
+def test_text_file_input_is_read_and_repeated(tmp_path):
+    from nsa_flex.data.tokenizer import load_tokenizer
+    from nsa_flex.viz.model_io import make_input
+    f = tmp_path / "in.txt"
+    f.write_text("def f(x):\n    return x + 1\n")
+    tok = load_tokenizer("embedded")
+    seq = make_input(str(f), tok, 100)
+    assert len(seq.tokens) == 100 and "repeated" in seq.description
+    with pytest.raises(ValueError, match="nor an existing text file"):
+        make_input(str(tmp_path / "missing.txt"), tok, 100)

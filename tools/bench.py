@@ -29,7 +29,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nsa_flex import NSAConfig
 from nsa_flex import operator as op
-from nsa_flex.backends import effective_splits
 from nsa_flex.kernels import KernelConfig, flex_kernel, override
 from masks.selected_lists import positions_per_tile, tiles_per_block
 

@@ -124,7 +124,6 @@ def main():
                 row["nsa_attention_us_est"] = row["nsa_step_us"] - rest
                 row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
                 row["speedup_attention_est"] = row["dense_attention_us"] / max(row["nsa_attention_us_est"], 1e-3)
-                del model, dec, k_cache, v_cache
             except Exception as e:   # recorded, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             row["wall_s"] = round(time.time() - t0, 1)

@@ -65,7 +65,7 @@ def launch(cmd: list[str], logfile: Path, gpu: int | None) -> subprocess.Popen:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     f = open(logfile, "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            preexec_fn=os.setsid)   # its own process group, stopped as one
 
 
 def wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, str]:

@@ -5,6 +5,7 @@ nsa_flex/checkpoint.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
