@@ -470,7 +470,7 @@ def test_quality_config_matches_its_mixture():
 
     register()
     for name in ("nsa", "llama3_dense", "nsa_window"):
-        assert train_spec.get_train_spec(name).model_args["100m"] is not None
+        assert train_spec.get_train_spec(name).model_args["50m"] is not None
     cfg = ConfigManager().parse_args(["--job.config_file", str(REPO / "configs/quality.toml")])
     assert cfg.training.dataset == "stdlib_passkey" and cfg.validation.enable
     _, opts = parse_passkey_path(cfg.training.dataset_path)
@@ -499,3 +499,6 @@ def test_quality_tool_reads_logs_and_summarises(tmp_path):
     md = tool.summary_md({"models": {"nsa": {"train_outcome": "finished", "train": t, "cells": cells}}})
     assert "| nsa | 40 (finished) | 8.6 | 7.5 |" in md
     assert "| nsa | 0.75 (recall 0.75) | 0.00 |" in md
+    assert [c["step"] for c in t["curve"]] == list(range(1, 41)) and t["curve"][-1]["loss"] == 8.6
+    tool.loss_plot({"steps": 40, "models": {"nsa": {"train": t}}}, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

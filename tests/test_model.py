@@ -218,7 +218,7 @@ def test_flops_formula_hand_count():
 
 
 def test_flavors():
-    assert set(nsa_flavors) == {"debug", "100m", "1b"}
+    assert set(nsa_flavors) == {"debug", "50m", "100m", "1b"}
     assert nsa_flavors["debug"].n_layers == 2
     one_b = nsa_flavors["1b"]
     assert one_b.n_heads // one_b.kv_heads == 16
@@ -299,7 +299,7 @@ def test_llama3_dense_baseline_takes_the_flavor_dims_and_the_tokenizer_vocabular
     from nsa_flex import baseline
 
     monkeypatch.setattr(baseline, "tokenizer_vocab_size", lambda jc: 1234)
-    for flavor in ("debug", "100m", "1b"):
+    for flavor in ("debug", "50m", "100m", "1b"):
         a, d = nsa_flavors[flavor], baseline.dense_args(flavor)
         assert (d.dim, d.n_layers, d.n_heads, d.n_kv_heads, d.multiple_of, d.ffn_dim_multiplier,
                 d.rope_theta, d.rope_scaling_args, d.attn_mask_type) == (

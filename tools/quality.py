@@ -1,24 +1,25 @@
 """Train NSA, the dense llama3 baseline and the sliding-window control on the passkey mixture
 (configs/quality.toml), evaluate their retrieval, and plot it: one command, one time limit.
 
-    python tools/quality.py OUT [--time-s 540] [--work outputs/quality-work]
+    python tools/quality.py OUT [--time-s 580] [--work outputs/quality-work]
 
-Stages and their share of ``--time-s`` (default 540 s):
+Stages and their share of ``--time-s`` (default 580 s):
 
 1. prepare (20 s): the embedded corpus and tokenizer, built once into $NSA_FLEX_CACHE.
-2. train (what remains after the other stages: 390 s of the default 540): the three runs of
-   configs/quality.toml, 900 steps each (about 30M tokens), one per GPU at once when there are
-   three or more GPUs, else in waves of fewer steps (300) sharing the stage's time. A run still
-   going at the end of its share is stopped; its latest checkpoint (every quarter of the run)
-   is evaluated and the summary says where it stopped.
-3. evaluate (``--eval-s``, default 120 s): ``python -m nsa_flex.eval`` on each checkpoint, on its
-   own GPU at once, lengths 1k-8k, 20 prompts a cell (``--time-limit`` keeps what was measured
-   when time runs out).
-4. plot and summarise (10 s): OUT/quality.png (every model's heatmaps),
-   OUT/summary.json and OUT/summary.md (steps reached, losses, tokens/s, accuracy per length).
+2. train (what remains after the other stages): the three runs of configs/quality.toml, the
+   config's steps each (``--steps`` overrides), all at once, spread over the visible GPUs
+   (several runs share a GPU when there are fewer GPUs than runs; ``--runs-per-gpu 1`` runs
+   them in waves instead). A run still going at the end of its share is stopped; its latest
+   checkpoint (every quarter of the run) is evaluated and the summary says where it stopped.
+3. evaluate (``--eval-s``, default 140 s): ``python -m nsa_flex.eval`` on each checkpoint, all
+   at once, lengths 2k-16k (1/2x to 4x the training length), 20 prompts a cell
+   (``--time-limit`` keeps what was measured when time runs out).
+4. plot and summarise (10 s): OUT/quality.png (every model's heatmaps), OUT/loss.png (training
+   and validation loss of the three), OUT/summary.json and OUT/summary.md (steps reached,
+   losses, tokens/s, accuracy per length).
 
 OUT/<model>/ holds each run's train.log, eval.log, eval/retrieval.json and eval/retrieval.png:
-small files only. The checkpoints (~0.4 GB a model, more while training) go to
+small files only. The checkpoints (~0.2 GB a model, more while training) go to
 ``--work``/<model>/checkpoint. ``--skip-train`` evaluates the checkpoints already there.
 """
 
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # nsa_flex from this checkout, installed or not
 CONFIG = REPO / "configs" / "quality.toml"
 MODELS = ("nsa", "llama3_dense", "nsa_window")
 STEP = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+).*?tps:\s+([0-9,]+)")
@@ -55,9 +57,12 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def launch(cmd: list[str], logfile: Path, gpu: int | None) -> subprocess.Popen:
+def launch(cmd: list[str], logfile: Path, gpu: int | None, threads: int) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # processes at once share the CPU cores for Inductor's compile workers and their threads
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -100,7 +105,41 @@ def train_log_summary(path: Path) -> dict:
         "last_loss": steps[-1][1] if steps else None,
         "validation": [{"step": s, "loss": l} for s, l in val],
         "tokens_per_s_median": statistics.median(tps) if tps else None,
+        "curve": [{"step": s, "loss": l} for s, l, _ in steps],
     }
+
+
+def loss_plot(summary: dict, path: Path) -> None:
+    """Training loss (thin) and validation loss (markers) of every model, one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (m, s) in enumerate(summary["models"].items()):
+        t, color = s["train"], f"C{i}"
+        if t["curve"]:
+            ax.plot([c["step"] for c in t["curve"]], [c["loss"] for c in t["curve"]], color=color,
+                    lw=1, alpha=0.8, label=f"{m} train")
+        if t["validation"]:
+            ax.plot([v["step"] for v in t["validation"]], [v["loss"] for v in t["validation"]],
+                    color=color, marker="o", ls="--", label=f"{m} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training (passkey mixture) and validation (held-out corpus) loss, "
+                 f"{summary['steps']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def config_steps() -> int:
+    import tomllib
+
+    return int(tomllib.loads(CONFIG.read_text())["training"]["steps"])
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -148,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="results folder (created): logs, JSONs, plots, summary")
     p.add_argument("--work", default=str(REPO / "outputs" / "quality-work"),
                    help="training dump folders and checkpoints (default outputs/quality-work)")
-    p.add_argument("--time-s", type=float, default=540, help="all stages together (default 540)")
-    p.add_argument("--eval-s", type=float, default=120, help="the evaluation stage (default 120)")
+    p.add_argument("--time-s", type=float, default=580, help="all stages together (default 580)")
+    p.add_argument("--eval-s", type=float, default=140, help="the evaluation stage (default 140)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: 900 with a GPU per run, else 300)")
-    p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+                   help="training steps (default: the config's [training] steps)")
+    p.add_argument("--runs-per-gpu", type=int, default=None,
+                   help="training runs sharing one GPU at once (default: all runs at once)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
     p.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--skip-train", action="store_true", help="evaluate the checkpoints in --work")
@@ -174,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA GPU visible; this tool trains on GPUs (see configs/quality.toml for "
               "the single commands, or pass --allow-cpu for a smoke test)", file=sys.stderr)
         return 2
-    slots = max(gpus, 1)
-    steps = a.steps or (900 if gpus >= len(a.models) else 300)
+    if a.runs_per_gpu is not None and a.runs_per_gpu < 1:
+        print(f"error: --runs-per-gpu {a.runs_per_gpu} must be >= 1", file=sys.stderr)
+        return 2
+    per_gpu = a.runs_per_gpu or -(-len(a.models) // max(gpus, 1))
+    slots = max(gpus, 1) * per_gpu if gpus else 1
+    threads = max(1, (os.cpu_count() or 1) // min(slots, len(a.models)))
+    steps = a.steps or config_steps()
     interval = max(50, steps // 4)      # checkpoints: something to evaluate if a run is stopped
     val_freq = max(1, steps // 2)       # validation at step 1, half way and at the end
     train_s = a.time_s - PREPARE_S - a.eval_s - PLOT_S
@@ -213,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--training.steps", str(steps), "--checkpoint.interval", str(interval),
                        "--validation.freq", str(val_freq), "--metrics.disable_color_printing",
                        *a.train_arg]
-                procs[m] = launch(cmd, out / m / "train.log", gi if gpus else None)
-                where = f"GPU {gi}" if gpus else "the CPU"
+                procs[m] = launch(cmd, out / m / "train.log", gi % gpus if gpus else None, threads)
+                where = f"GPU {gi % gpus}" if gpus else "the CPU"
                 log(f"training {m} on {where} until +{deadline - t0:.0f}s: {' '.join(cmd[1:])}")
             outcomes.update(wait_all(procs, deadline))
 
@@ -228,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                "--depths", *map(str, a.depths), "--samples", str(a.samples),
                "--time-limit", str(max(10.0, a.eval_s - 50)), "--out", str(out / m / "eval"),
                *a.eval_arg]
-        procs[m] = launch(cmd, out / m / "eval.log", gi % gpus if gpus else None)
+        procs[m] = launch(cmd, out / m / "eval.log", gi % gpus if gpus else None,
+                          max(1, (os.cpu_count() or 1) // len(a.models)))
         log(f"evaluating {m} ({ckpts[m].name})" + (f" on GPU {gi % gpus}" if gpus else " on the CPU"))
     for m in a.models:
         if not ckpts[m]:
@@ -250,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["seconds"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(summary_md(summary))
+    if any(s["train"]["curve"] for s in summary["models"].values()):
+        loss_plot(summary, out / "loss.png")
     if results:
         from nsa_flex.eval.plot import heatmaps
 
