@@ -79,8 +79,39 @@ class Compression(nn.Module):
             raise ValueError(f"block_ends has shape {tuple(block_ends.shape)}, expected "
                              f"{(B, T // self.stride)} (one slot per stride of {self.stride} tokens)")
         used = block_ends >= 0                                           # [B, S]
-        first = torch.where(used, block_ends - (self.block - 1), 0)
-        pos = (first[..., None] + torch.arange(self.block, device=x.device)).clamp(max=T - 1)
-        blocks = x[torch.arange(B, device=x.device)[:, None, None], pos]  # [B, S, l, H, D]
+        blocks = DocumentBlocks.apply(x, block_ends, self.block, self.stride)   # [B, S, l, H, D]
         out = self._phi(blocks.transpose(2, 3))                          # [B, S, H, D_out]
         return torch.where(used[..., None, None], out, 0.0)
+
+
+class DocumentBlocks(torch.autograd.Function):
+    """x [B, T, H, D], block_ends [B, S] (−1: empty slot) -> the blocks [B, S, l, H, D]: slot c
+    holds x[e − l + 1 … e] for its end e (empty slots: any rows of x; φ's output there is
+    discarded). Both directions are gathers. The backward of plain indexing would scatter-add
+    into x; here each position instead reads the few slots that can hold it: the block in slot
+    c starts in [c·d, c·d + d) (masks.compressed_block_ends), so position p lies only in slots
+    ⌊p/d⌋ − k for k < ⌈(l + d − 1)/d⌉."""
+
+    @staticmethod
+    def forward(ctx, x, block_ends, block: int, stride: int):
+        B, T = x.shape[:2]
+        first = torch.where(block_ends >= 0, block_ends - (block - 1), 0)
+        pos = (first[..., None] + torch.arange(block, device=x.device)).clamp(max=T - 1)
+        ctx.save_for_backward(block_ends)
+        ctx.block, ctx.stride, ctx.T = block, stride, T
+        return x[torch.arange(B, device=x.device)[:, None, None], pos]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (block_ends,) = ctx.saved_tensors
+        l, d, T = ctx.block, ctx.stride, ctx.T
+        B, S = block_ends.shape
+        p = torch.arange(T, device=grad.device)
+        k = torch.arange(-(-(l + d - 1) // d), device=grad.device)
+        c = p[:, None] // d - k                                          # [T, K] candidate slots
+        cc = c.clamp(0, S - 1)
+        end = block_ends[:, cc]                                          # [B, T, K]
+        j = p[:, None] - (end - (l - 1))                                 # offset in that block
+        ok = (c >= 0)[None] & (c < S)[None] & (end >= 0) & (j >= 0) & (j < l)
+        g = grad[torch.arange(B, device=grad.device)[:, None, None], cc[None], j.clamp(0, l - 1)]
+        return torch.where(ok[..., None, None], g, 0).sum(2), None, None, None

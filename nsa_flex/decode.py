@@ -186,10 +186,16 @@ def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool)
             out[bi, :, slot] = torch.where(ready[:, None, None], new, out[bi, :, slot])
         visible = torch.where(t >= l - 1, (t - (l - 1)).clamp(min=0) // d + 1, 0)   # blocks seen
         cmp_mask = (torch.arange(Tc, device=dev)[None, :] < visible[:, None])[:, None, None, :]
-        o_cmp, lse = _attend(qg, lc.k_cmp, lc.v_cmp, cmp_mask, scale, dtype)
-        # eq. 8 as the operator's selection computes it: p = exp(scale·q·k̃ − lse)
-        s = torch.matmul(qg, lc.k_cmp.transpose(-1, -2)).float() * scale
-        p_cmp = torch.where(cmp_mask, torch.exp(s - lse[..., None]), 0.0)
+        # one score matmul for both: eq. 8's p = exp(scale·q·k̃ − lse) (as the operator's
+        # selection computes it) is the compressed branch's softmax
+        s = torch.matmul(qg.float(), lc.k_cmp.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~cmp_mask, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        denom = torch.exp(s - m).sum(-1, keepdim=True)
+        lse = m + torch.log(torch.where(denom > 0, denom, 1.0))
+        p_cmp = torch.where(cmp_mask, torch.exp(s - lse), 0.0)      # 0 for a row that sees none
+        o_cmp = torch.matmul(p_cmp, lc.v_cmp.float()).to(dtype)
         p_slc = pool_to_selection_blocks(p_cmp.sum(2), cfg, Ts)      # eqs. 10, 9: [B, Hkv, Ts]
     else:   # the cache is shorter than one compression block: no block is ever seen
         o_cmp = qg.new_zeros(B, Hkv, G, Dv)

@@ -1,28 +1,65 @@
-"""Per-token decode latency: one NSA attention layer's decode step against dense attention over
-the full KV cache, at long contexts (GPU).
+"""Per-token decode latency of NSA against dense attention over the full KV cache, at long
+contexts (GPU).
 
-A one-layer nsa model of attention width Hq·D (dim 1024, Hq = 64, Hkv = 4, D = 128 by default,
-paper NSA settings) decodes one token per sequence from a cache already holding ``context``
-positions (random keys, values and compressed blocks: decode time does not depend on their
-values). Its step (``nsa_flex.decode.decode_step``: projections, compression of a completed block,
-scores, top-n, the three branches, the gate, the feed-forward) is timed compiled with CUDA graphs,
-against the same layer with dense attention: the same projections and feed-forward, and SDPA of
-the one query over all ``context`` keys (``enable_gqa``), also compiled with CUDA graphs. The
-attention-only times (the dense SDPA call alone, and the NSA step minus the dense step's
-non-attention part) are reported too. Median of repeats (triton's do_bench). Prints a table last
-and writes JSON.
+An nsa model (by default one layer of attention width Hq·D with dim 1024, Hq = 64, Hkv = 4,
+D = 128 and the paper's NSA settings; ``--layers/--dim/--heads/...`` for a whole model) decodes
+one token per sequence from a cache already holding ``context`` positions (random keys, values
+and compressed blocks: decode time does not depend on their values). Four functions are timed,
+each compiled with CUDA graphs:
+
+- ``nsa_step``: ``nsa_flex.decode.decode_step``, the whole model for one token;
+- ``dense_step``: the same model with dense attention: the same projections and feed-forward,
+  SDPA of the new token over all ``context`` cached keys (llama3 with a KV cache);
+- ``nsa_attention``: layer 0's NSA attention alone (its projections, compression of a completed
+  block, scores, top-n, the three branches, the gate; up to ``wo``);
+- ``dense_attention``: layer 0's dense attention alone (q/k/v projections, RoPE, cache write,
+  SDPA).
+
+SDPA is called as an opaque op (eager SDPA with ``enable_gqa``): compiled, Inductor would expand
+the KV heads to the query heads, reading and writing 16x the cache. Every row is compiled first
+(``--wait-for`` then holds the timing until other GPU work is done), then timed: median of
+triton's do_bench. Prints a table last and writes JSON.
 
     python tools/bench_decode.py --context 8192 32768 65536 131072 --batch 1 8 --out decode.json
+    python tools/bench_decode.py --context 65536 --batch 1 8 --layers 12 --dim 768 --heads 12 \
+        --kv-heads 2 --head-dim 64 --vocab 8192 --out decode-100m.json     # the 100m flavor
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+
+@torch.library.custom_op("nsa_bench::sdpa_gqa", mutates_args=())
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eager SDPA with grouped KV heads (its own kernel choice), opaque to Inductor."""
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=True).contiguous()
+
+
+@sdpa_gqa.register_fake
+def _(q, k, v):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def profile(fn, steps: int = 20, top: int = 25) -> list[dict]:
+    """GPU kernel time per call of ``fn``, by kernel name (torch.profiler), the largest first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:100], "us_per_call": e.device_time_total / steps, "count": e.count // steps}
+            for e in p.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
 
 
 def build(context: int, batch: int, heads: int, kv_heads: int, head_dim: int, dim: int,
@@ -69,12 +106,63 @@ def dense_step(model, caches):
             q, k = apply_rotary_emb(q, k, model.freqs_cis, pos[:, None])
             k_cache[bi, :, pos] = k[:, 0]
             v_cache[bi, :, pos] = v[:, 0]
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache, enable_gqa=True)
+            o = sdpa_gqa(q.transpose(1, 2), k_cache, v_cache)
             h = h + attn.wo(o.transpose(1, 2).reshape(B, 1, -1))
             h = h + block.feed_forward(block.ffn_norm(h))
         return model.output(model.norm(h))[:, 0].float()
 
     return step
+
+
+def dense_attention(model, k_cache, v_cache):
+    """Layer 0's attention as dense decoding does it: projections, RoPE, cache write, SDPA."""
+    attn = model.layers["0"].attention
+
+    @torch.no_grad()
+    def step(x, pos):
+        from nsa_flex.model.model import apply_rotary_emb
+        B = x.shape[0]
+        q = attn.wq(x).view(B, 1, -1, attn.head_dim)
+        k = attn.wk(x).view(B, 1, -1, attn.head_dim)
+        v = attn.wv(x).view(B, 1, -1, attn.v_head_dim)
+        q, k = apply_rotary_emb(q, k, model.freqs_cis, pos[:, None])
+        bi = torch.arange(B, device=x.device)
+        k_cache[bi, :, pos] = k[:, 0]
+        v_cache[bi, :, pos] = v[:, 0]
+        return sdpa_gqa(q.transpose(1, 2), k_cache, v_cache)
+
+    return step
+
+
+def prepare(context: int, batch: int, a) -> dict:
+    """Build, compile and warm up one row's four functions: the NSA model step, the dense model
+    step, and each one's layer-0 attention alone (projections up to the attention output)."""
+    from nsa_flex.decode import _attention_step
+
+    model, dec = build(context, batch, a.heads, a.kv_heads, a.head_dim, a.dim, a.layers, a.vocab)
+    tokens = torch.randint(0, a.vocab, (batch,), device="cuda")
+    start = torch.full((batch,), context - 1, device="cuda", dtype=torch.long)
+    x = torch.randn(batch, 1, a.dim, device="cuda", dtype=torch.bfloat16)
+    caches = [tuple(torch.randn(batch, a.kv_heads, context, a.head_dim, device="cuda",
+                                dtype=torch.bfloat16) for _ in range(2)) for _ in range(a.layers)]
+    dense = torch.compile(dense_step(model, caches), fullgraph=True, mode="reduce-overhead")
+    dense_attn = torch.compile(dense_attention(model, *caches[0]), fullgraph=True,
+                               mode="reduce-overhead")
+    attn, lc = model.layers["0"].attention, dec.cache.layers[0]
+    nsa_attn = torch.compile(lambda x, t: _attention_step(attn, lc, x, t, model.freqs_cis, False)[0],
+                             fullgraph=True, mode="reduce-overhead")
+
+    def nsa():
+        dec.cache.pos.copy_(start)
+        return dec.step(tokens)
+
+    fns = {"nsa_step": nsa, "dense_step": lambda: dense(tokens, start),
+           "nsa_attention": lambda: nsa_attn(x, start), "dense_attention": lambda: dense_attn(x, start)}
+    for fn in fns.values():   # compile, capture, warm up
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    return fns
 
 
 def main():
@@ -88,6 +176,11 @@ def main():
     ap.add_argument("--layers", type=int, default=1, help="transformer blocks (default 1)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", action="store_true",
+                    help="also record the kernels of the steps (torch.profiler) in the JSON, printed")
+    ap.add_argument("--wait-for", nargs="+", default=[], metavar="PATH",
+                    help="compile every row first, then wait until these files exist before timing "
+                         "(other GPU work sharing the machine finishes first)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench_decode.py times GPU kernels and torch sees no CUDA device here")
@@ -95,64 +188,57 @@ def main():
 
     from nsa_flex import patches
     patches.install()
-    rows = []
+    # every row keeps its compiled functions until it is timed
+    torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 256
+    prepared = []
     for context in a.context:
         for batch in a.batch:
             t0 = time.time()
             row = {"context": context, "batch": batch}
-            torch._dynamo.reset()   # each shape its own compile (no recompile limit, no dynamic shapes)
             try:
-                model, dec = build(context, batch, a.heads, a.kv_heads, a.head_dim, a.dim, a.layers,
-                                   a.vocab)
-                tokens = torch.randint(0, a.vocab, (batch,), device="cuda")
-                start = torch.full((batch,), context - 1, device="cuda", dtype=torch.long)
-
-                def nsa():
-                    dec.cache.pos.copy_(start)
-                    return dec.step(tokens)
-
-                caches = [(torch.randn(batch, a.kv_heads, context, a.head_dim, device="cuda",
-                                       dtype=torch.bfloat16),) * 2 for _ in range(a.layers)]
-                caches = [(k, torch.randn_like(k)) for k, _ in caches]
-                k_cache, v_cache = caches[0]
-                dense = torch.compile(dense_step(model, caches), fullgraph=True,
-                                      mode="reduce-overhead")
-                q = torch.randn(batch, a.heads, 1, a.head_dim, device="cuda", dtype=torch.bfloat16)
-                sdpa = lambda: F.scaled_dot_product_attention(q, k_cache, v_cache, enable_gqa=True)
-                for fn in (nsa, lambda: dense(tokens, start), sdpa):   # compile, capture, warm up
-                    for _ in range(3):
-                        fn()
-                torch.cuda.synchronize()
-                row["nsa_step_us"] = 1e3 * do_bench(nsa, warmup=50, rep=300, return_mode="median")
-                row["dense_step_us"] = 1e3 * do_bench(lambda: dense(tokens, start), warmup=50, rep=300,
-                                                      return_mode="median")
-                row["dense_attention_us"] = 1e3 * do_bench(sdpa, warmup=50, rep=300, return_mode="median")
-                row["nsa_tokens_per_s"] = batch / row["nsa_step_us"] * 1e6
-                row["dense_tokens_per_s"] = batch / row["dense_step_us"] * 1e6
-                # projections, ffn, head: the dense step less its SDPA calls
-                rest = row["dense_step_us"] - a.layers * row["dense_attention_us"]
-                row["nsa_attention_us_est"] = (row["nsa_step_us"] - rest) / a.layers
-                row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
-                row["speedup_attention_est"] = row["dense_attention_us"] / max(row["nsa_attention_us_est"], 1e-3)
+                fns = prepare(context, batch, a)
             except Exception as e:   # recorded, not hidden
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            row["wall_s"] = round(time.time() - t0, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            torch.cuda.empty_cache()
+                fns = None
+            row["compile_s"] = round(time.time() - t0, 1)
+            print(f"prepared context {context} batch {batch} in {row['compile_s']}s", flush=True)
+            prepared.append((row, fns))
+    while not all(os.path.exists(p) for p in a.wait_for):
+        time.sleep(1)
+    rows = []
+    for row, fns in prepared:
+        if fns is not None:
+            try:
+                for name, fn in fns.items():
+                    row[f"{name}_us"] = 1e3 * do_bench(fn, warmup=50, rep=300, return_mode="median")
+                row["nsa_tokens_per_s"] = row["batch"] / row["nsa_step_us"] * 1e6
+                row["dense_tokens_per_s"] = row["batch"] / row["dense_step_us"] * 1e6
+                row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
+                row["speedup_attention"] = row["dense_attention_us"] / row["nsa_attention_us"]
+                if a.profile:
+                    for name in ("nsa_attention", "dense_attention"):
+                        row[f"{name}_kernels"] = profile(fns[name])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_kernels")}), flush=True)
+        for r in row.get("nsa_attention_kernels", [])[:15]:
+            print(f"  nsa attention {r['us_per_call']:8.1f} us {r['count']:3d}x {r['kernel']}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
             "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dim": a.dim,
-            "layers": a.layers, "vocab": a.vocab,
-            "date": time.strftime("%Y-%m-%d"), "timing": "median, triton do_bench, CUDA graphs"}
+            "layers": a.layers, "vocab": a.vocab, "date": time.strftime("%Y-%m-%d"),
+            "timing": "median of triton do_bench (warmup 50 ms, 300 ms), compiled, CUDA graphs",
+            "command": "python tools/bench_decode.py " + " ".join(sys.argv[1:])}
     json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
-    print(f"\n{'context':>8}{'batch':>6}{'nsa step us':>13}{'dense step us':>15}{'dense attn us':>15}"
-          f"{'step x':>8}{'attn x (est)':>14}")
+    print(f"\n{'context':>8}{'batch':>6}{'nsa attn us':>13}{'dense attn us':>15}{'attn x':>8}"
+          f"{'nsa step us':>13}{'dense step us':>15}{'step x':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['context']:>8}{r['batch']:>6}  error: {r['error'][:80]}")
+            print(f"{r['context']:>8}{r['batch']:>6}  error: {r['error'][:100]}")
             continue
-        print(f"{r['context']:>8}{r['batch']:>6}{r['nsa_step_us']:>13.1f}{r['dense_step_us']:>15.1f}"
-              f"{r['dense_attention_us']:>15.1f}{r['speedup_step']:>8.2f}{r['speedup_attention_est']:>14.2f}")
+        print(f"{r['context']:>8}{r['batch']:>6}{r['nsa_attention_us']:>13.1f}{r['dense_attention_us']:>15.1f}"
+              f"{r['speedup_attention']:>8.2f}{r['nsa_step_us']:>13.1f}{r['dense_step_us']:>15.1f}"
+              f"{r['speedup_step']:>8.2f}")
 
 
 if __name__ == "__main__":
