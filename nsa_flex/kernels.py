@@ -42,7 +42,11 @@ class FlexTiles:
         m1, n1, m2, n2, bwarps, bstages = self.bwd
         opts = dict(fwd_BLOCK_M=m, fwd_BLOCK_N=n, fwd_num_warps=warps, fwd_num_stages=stages,
                     bwd_BLOCK_M1=m1, bwd_BLOCK_N1=n1, bwd_BLOCK_M2=m2, bwd_BLOCK_N2=n2,
-                    bwd_num_warps=bwarps, bwd_num_stages=bstages)
+                    bwd_num_warps=bwarps, bwd_num_stages=bstages,
+                    # these are the main kernel's tiles: a branch (or query split) of fewer than
+                    # 128 rows would otherwise go to FlexAttention's decoding kernel, which has
+                    # no config for them (NoValidChoicesError, H200, torch 2.11)
+                    FORCE_USE_FLEX_ATTENTION=True)
         if self.tma:
             opts["USE_TMA"] = True
         return opts

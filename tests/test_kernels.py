@@ -83,4 +83,5 @@ def test_kernel_options_name_every_tile():
     opts = t.kernel_options()
     assert opts == dict(fwd_BLOCK_M=16, fwd_BLOCK_N=64, fwd_num_warps=2, fwd_num_stages=3,
                         bwd_BLOCK_M1=16, bwd_BLOCK_N1=64, bwd_BLOCK_M2=16, bwd_BLOCK_N2=64,
-                        bwd_num_warps=4, bwd_num_stages=3, USE_TMA=True)
+                        bwd_num_warps=4, bwd_num_stages=3, FORCE_USE_FLEX_ATTENTION=True,
+                        USE_TMA=True)

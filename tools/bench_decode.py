@@ -158,6 +158,7 @@ def prepare(context: int, batch: int, a) -> dict:
 
     fns = {"nsa_step": nsa, "dense_step": lambda: dense(tokens, start),
            "nsa_attention": lambda: nsa_attn(x, start), "dense_attention": lambda: dense_attn(x, start)}
+    fns = {k: fn for k, fn in fns.items() if k.rsplit("_", 1)[1] in a.only}
     for fn in fns.values():   # compile, capture, warm up
         for _ in range(3):
             fn()
@@ -176,6 +177,8 @@ def main():
     ap.add_argument("--layers", type=int, default=1, help="transformer blocks (default 1)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only", nargs="+", choices=("step", "attention"), default=["step", "attention"],
+                    help="time the model steps, the layer-0 attentions, or both (default both)")
     ap.add_argument("--profile", action="store_true",
                     help="also record the kernels of the steps (torch.profiler) in the JSON, printed")
     ap.add_argument("--wait-for", nargs="+", default=[], metavar="PATH",
@@ -189,7 +192,9 @@ def main():
     from nsa_flex import patches
     patches.install()
     # every row keeps its compiled functions until it is timed
-    torch._dynamo.config.cache_size_limit = torch._dynamo.config.recompile_limit = 256
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
     prepared = []
     for context in a.context:
         for batch in a.batch:
@@ -211,34 +216,34 @@ def main():
             try:
                 for name, fn in fns.items():
                     row[f"{name}_us"] = 1e3 * do_bench(fn, warmup=50, rep=300, return_mode="median")
-                row["nsa_tokens_per_s"] = row["batch"] / row["nsa_step_us"] * 1e6
-                row["dense_tokens_per_s"] = row["batch"] / row["dense_step_us"] * 1e6
-                row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
-                row["speedup_attention"] = row["dense_attention_us"] / row["nsa_attention_us"]
+                if "step" in a.only:
+                    row["nsa_tokens_per_s"] = row["batch"] / row["nsa_step_us"] * 1e6
+                    row["dense_tokens_per_s"] = row["batch"] / row["dense_step_us"] * 1e6
+                    row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
+                if "attention" in a.only:
+                    row["speedup_attention"] = row["dense_attention_us"] / row["nsa_attention_us"]
                 if a.profile:
-                    for name in ("nsa_attention", "dense_attention"):
+                    for name in fns:
                         row[f"{name}_kernels"] = profile(fns[name])
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_kernels")}), flush=True)
-        for r in row.get("nsa_attention_kernels", [])[:15]:
-            print(f"  nsa attention {r['us_per_call']:8.1f} us {r['count']:3d}x {r['kernel']}")
+        for name in ("nsa_attention", "nsa_step"):
+            for r in row.get(f"{name}_kernels", [])[:12]:
+                print(f"  {name} {r['us_per_call']:8.1f} us {r['count']:3d}x {r['kernel']}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
             "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dim": a.dim,
             "layers": a.layers, "vocab": a.vocab, "date": time.strftime("%Y-%m-%d"),
             "timing": "median of triton do_bench (warmup 50 ms, 300 ms), compiled, CUDA graphs",
             "command": "python tools/bench_decode.py " + " ".join(sys.argv[1:])}
     json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
-    print(f"\n{'context':>8}{'batch':>6}{'nsa attn us':>13}{'dense attn us':>15}{'attn x':>8}"
-          f"{'nsa step us':>13}{'dense step us':>15}{'step x':>8}")
+    cols = [(f"{w} {f}", f"{w}_{f}_us") for f in a.only for w in ("nsa", "dense")] + \
+        [(f"{f} x", f"speedup_{f}") for f in a.only]
+    print("\n" + f"{'context':>8}{'batch':>6}" + "".join(f"{c:>18}" for c, _ in cols))
     for r in rows:
-        if "error" in r:
-            print(f"{r['context']:>8}{r['batch']:>6}  error: {r['error'][:100]}")
-            continue
-        print(f"{r['context']:>8}{r['batch']:>6}{r['nsa_attention_us']:>13.1f}{r['dense_attention_us']:>15.1f}"
-              f"{r['speedup_attention']:>8.2f}{r['nsa_step_us']:>13.1f}{r['dense_step_us']:>15.1f}"
-              f"{r['speedup_step']:>8.2f}")
+        cells = "".join(f"{r[k]:>18.2f}" if k in r else f"{'error':>18}" for _, k in cols)
+        print(f"{r['context']:>8}{r['batch']:>6}{cells}" + (f"  {r['error'][:100]}" if "error" in r else ""))
 
 
 if __name__ == "__main__":
