@@ -198,3 +198,40 @@ def test_the_compiled_step_on_cuda_matches_the_forward(mode):
         logits = dec.step(tokens[torch.arange(2, device="cuda"), torch.tensor(pos, device="cuda")])
         worst = max(worst, max(rel_err(logits[b], ref[b][t]) for b, t in enumerate(pos)))
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_decoding_on_cuda_follows_the_compiled_forward_without_recompiles():
+    """bf16 on CUDA: the full forward through the compiled flex operator against 100 cached steps
+    (CUDA graphs), ragged prompts; logits within bf16's usual tolerance, at least 90% of the
+    selections the same sets (bf16 may flip near-ties), and 0 recompiles over the 100 steps."""
+    model = make_model("separate").cuda().to(torch.bfloat16)
+    lengths, steps = [7, 20], 100                  # capacity 120 <= the model's 128 positions
+    tokens = torch.randint(0, VOCAB, (2, max(lengths) + steps), device="cuda")
+    refs = [full_forward(model, tokens[b, :lengths[b] + steps]) for b in range(2)]
+    dec = NSADecoder(model, 2, capacity=max(lengths) + steps, compile=True, mode="reduce-overhead")
+    dec.prefill(tokens[:, :max(lengths)], lengths)
+    rows = torch.arange(2, device="cuda")
+    worst, same, total = 0.0, 0, 0
+    for k in range(steps):
+        pos = [n + k for n in lengths]
+        new = tokens[rows, torch.tensor(pos, device="cuda")]
+        if k % 25 == 24:   # now and then a step run eagerly, with its selections
+            logits, sels = decode_step(model, dec.cache, new, return_indices=True)
+            for layer, idx in enumerate(sels):
+                for b, t in enumerate(pos):
+                    want = refs[b][1][layer][t]
+                    for h in range(idx.shape[1]):
+                        total += 1
+                        same += same_sets(idx[b, h][idx[b, h] >= 0].cpu(), want[h][want[h] >= 0].cpu())
+        else:
+            # the first two compiled steps compile and record the graph; then no recompile
+            torch._dynamo.config.error_on_recompile = k >= 2
+            try:
+                logits = dec.step(new)
+            finally:
+                torch._dynamo.config.error_on_recompile = False
+        worst = max(worst, max(rel_err(logits[b].float(), refs[b][0][t].float())
+                               for b, t in enumerate(pos)))
+    assert worst <= 3e-2, worst
+    assert same >= 0.9 * total, (same, total)
