@@ -54,24 +54,27 @@ SCRIPT = textwrap.dedent('''
                     row = got[b, h, i]
                     assert set(row[row >= 0].tolist()) == want_set and len(want_set) == (row >= 0).sum(), (b, h, i)
 
-    case(1, 2, 100, 20, 0, 16, 4, 1, 2, 4, 0)        # ties on a few levels, from position 0
-    case(2, 1, 40, 37, 400, 16, 8, 1, 2, 0, 1)       # a later chunk, continuous scores, B = 2
-    case(1, 1, 64, 5, 0, 16, 8, 1, 2, 2, 2)          # fewer blocks than n: -1 fills
-    case(1, 2, 40, 64, 3000, 64, 16, 0, 0, 3, 3)    # nothing forced
-    case(1, 1, 30, 70, 64 * 40, 64, 16, 2, 3, 1, 4)  # two initial, three local blocks, all ties
-    case(1, 1, 1, 1, 0, 64, 16, 1, 2, 0, 5)          # one position, one block
-    case(1, 1, 70, 300, 1000, 16, 16, 1, 2, 5, 6)    # rows over several programs
-    case(1, 1, 12, 300, 4700, 16, 5, 1, 2, 3, 7, tile=128)    # rows longer than a program's tile:
-    case(2, 1, 6, 130, 1000, 8, 16, 1, 1, 0, 8, tile=64)     # walked in chunks, ties across them
-    case(2, 1, 60, 40, 300, 8, 4, 1, 2, 3, 9, docs=True)    # positions of several documents
-    case(1, 2, 30, 50, 0, 4, 3, 2, 1, 0, 10, tile=32, docs=True)
-    # a candidate scored −0.0 is a candidate (score 0), in both routes
-    z = torch.tensor([[[[0.5, -0.0, 0.25, -1.0]]]])
-    assert torch.equal(launch(z.to(DEV), 63, 16, 0, 0, 3, 8192).cpu().sort(-1).values,
-                       torch.tensor([[[[0, 1, 2]]]], dtype=torch.int32))
-    print("ok")
 ''')
 
+# one subprocess a case, so that a slow or failing case names itself
+CASES = [
+    "case(1, 2, 100, 20, 0, 16, 4, 1, 2, 4, 0)",           # ties on a few levels, from position 0
+    "case(2, 1, 40, 37, 400, 16, 8, 1, 2, 0, 1)",          # a later chunk, continuous scores, B = 2
+    "case(1, 1, 64, 5, 0, 16, 8, 1, 2, 2, 2)",             # fewer blocks than n: -1 fills
+    "case(1, 2, 40, 64, 3000, 64, 16, 0, 0, 3, 3)",        # nothing forced
+    "case(1, 1, 30, 70, 64 * 40, 64, 16, 2, 3, 1, 4)",     # two initial, three local blocks, all ties
+    "case(1, 1, 1, 1, 0, 64, 16, 1, 2, 0, 5)",             # one position, one block
+    "case(1, 1, 70, 300, 1000, 16, 16, 1, 2, 5, 6)",       # rows over several programs
+    "case(1, 1, 12, 300, 4700, 16, 5, 1, 2, 3, 7, tile=128)",  # rows longer than a program's tile:
+    "case(2, 1, 6, 130, 1000, 8, 16, 1, 1, 0, 8, tile=64)",    # walked in chunks, ties across them
+    "case(2, 1, 60, 40, 300, 8, 4, 1, 2, 3, 9, docs=True)",    # positions of several documents
+    "case(1, 2, 30, 50, 0, 4, 3, 2, 1, 0, 10, tile=32, docs=True)",
+    # a candidate scored −0.0 is a candidate (score 0), in both routes
+    "assert torch.equal(launch(torch.tensor([[[[0.5, -0.0, 0.25, -1.0]]]]).to(DEV), 63, 16, 0, 0, 3, "
+    "8192).cpu().sort(-1).values, torch.tensor([[[[0, 1, 2]]]], dtype=torch.int32))",
+]
 
-def test_top_n_kernel_matches_the_reference():
-    run_triton_script(SCRIPT, "TOPN_TEST_DEVICE")
+
+@pytest.mark.parametrize("call", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_top_n_kernel_matches_the_reference(call):
+    run_triton_script(SCRIPT + call + "\nprint('ok')\n", "TOPN_TEST_DEVICE")
