@@ -24,6 +24,27 @@ class CheckpointError(ValueError):
 # model arguments
 
 
+def add_device_arguments(parser) -> None:
+    """--device and --dtype, read back by :func:`device_and_dtype`."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The CLIs' --device (auto/cpu/cuda) and --dtype (auto/float32/bfloat16): auto is cuda when
+    torch sees one, and bfloat16 on cuda, float32 on cpu."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda: torch sees no CUDA device; use --device cpu")
+    else:
+        dev = torch.device(device)
+    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+
+
 def model_args(flavor: str, overrides: dict | None = None, seq_len: int | None = None,
                vocab_size: int | None = None):
     """The flavor's NSAModelArgs (a copy) with NSA overrides, the vocabulary, and a RoPE table

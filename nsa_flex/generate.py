@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from nsa_flex.checkpoint import (CheckpointError, build_model, checkpoint_model_keys, model_args,
-                                 newest_step, parse_overrides, read_config, resolve_checkpoint)
+from nsa_flex.checkpoint import (CheckpointError, add_device_arguments, build_model,
+                                 checkpoint_model_keys, device_and_dtype, model_args, newest_step,
+                                 parse_overrides, read_config, resolve_checkpoint)
 from nsa_flex.decode import CacheCapacityError, NSADecoder
 from nsa_flex.hf import CONFIG_NAME, HFExportError, args_from_config, load_hf_state_dict
 from nsa_flex.hf import read_config as read_hf_config
@@ -263,9 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help=f"cache capacity in positions (default: longest prompt + --max-new-tokens, "
                         f"rounded up to a multiple of {BUCKET})")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="default: bfloat16 on CUDA, float32 on CPU")
+    add_device_arguments(p)
     p.add_argument("--prefill-kernel", default="dense", choices=("dense", "flex", "auto"),
                    help="how the prefill's operator runs on CUDA: 'dense' (default, nothing to "
                         "compile), 'flex' (the compiled FlexAttention kernels of training), 'auto' "
@@ -333,14 +332,7 @@ def run(argv: list[str] | None = None, out=None, err=None) -> dict:
             f">= {need}, or lower --max-new-tokens to at most {max(0, capacity - longest)} or "
             f"shorten the prompt")
 
-    if a.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise GenerateError("--device cuda: torch sees no CUDA device")
-        device = torch.device(a.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(a.device, a.dtype)
     if need > src.args.max_seq_len and src.kind == "hf":
         err.write(f"note: {need} positions exceed the {src.args.max_seq_len} the model was "
                   f"trained with (RoPE extrapolates)\n")

@@ -249,3 +249,18 @@ def test_generate_refuses_what_exceeds_the_cache(trained, capsys):
     assert "raise --max-seq-len to >=" in msg
     code = generate.main(["--checkpoint", str(dcp), "--prompt", PROMPT, "--flavor", "100m"])
     assert code == 2 and "has 2 layers but this model has 12" in capsys.readouterr().err
+
+
+def test_device_and_dtype_resolve_auto_and_refuse_a_missing_gpu(monkeypatch):
+    """The CLIs' shared --device/--dtype: auto picks cuda only when torch sees one (bfloat16
+    there, float32 on cpu); --device cuda without a GPU stops with a message, before any work."""
+    from nsa_flex.checkpoint import CheckpointError, device_and_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_and_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert device_and_dtype("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(CheckpointError, match="no CUDA device"):
+        device_and_dtype("cuda", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_and_dtype("auto", "auto") == (torch.device("cuda"), torch.bfloat16)
+    assert device_and_dtype("auto", "float32") == (torch.device("cuda"), torch.float32)

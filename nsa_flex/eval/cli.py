@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from nsa_flex.checkpoint import (MODEL_NAMES, CheckpointError, build_named_model,
-                                 checkpoint_model_keys, named_model_args, parse_overrides,
-                                 read_config, read_model_name, resolve_checkpoint)
+from nsa_flex.checkpoint import (CheckpointError, MODEL_NAMES, add_device_arguments,
+                                 build_named_model, checkpoint_model_keys, device_and_dtype,
+                                 named_model_args, parse_overrides, read_config, read_model_name,
+                                 resolve_checkpoint)
 from nsa_flex.data.passkey import ANSWER, NAMES, NEEDLE, QUESTION, PasskeyError, fixed_tokens
 
 from .retrieval import TASKS, evaluate, log
@@ -66,10 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=32768,
                    help="tokens per forward: prompts of one length are batched up to this "
                         "(default 32768)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where the model runs (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add_device_arguments(p)
     p.add_argument("--forward", default="dense", choices=("dense", "flex"),
                    help="NSA forward on CUDA: 'dense' (default: the operator's exact dense path, "
                         "no kernels to compile) or 'flex' (the compiled training kernels; one "
@@ -81,14 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-seed", type=int, default=0, help="seed of random weights (no --checkpoint)")
     p.add_argument("--out", default="eval", help="output folder (default ./eval)")
     return p
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda: torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -136,9 +124,7 @@ def run(argv: list[str] | None = None) -> dict:
             args.check_seq_len(min(lengths), "--lengths")
         except NSAConfigError as e:
             raise EvalError(str(e)) from None
-    device = _device(a.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(a.device, a.dtype)
     ckpt = layout = None
     if a.checkpoint:
         ckpt = resolve_checkpoint(a.checkpoint)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nsa_flex.checkpoint import add_device_arguments, device_and_dtype
+
 from . import figures, report
 from .analysis import (analyse_head, branch_images, head_inputs, pooling_for, score_images,
                        selection_sharing, sparsity, tile_images)
@@ -77,10 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=1024,
                    help="most data cells per side of a picture; larger ranges are max-pooled "
                         "(default 1024)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where the model runs (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add_device_arguments(p)
     p.add_argument("--forward", default="dense", choices=("dense", "flex"),
                    help="how the model's forward runs on CUDA: 'dense' (default: the operator's "
                         "dense path in row chunks — same masks and selection up to rounding, no "
@@ -168,14 +167,7 @@ def run(argv: list[str] | None = None) -> dict:
     heads = parse_list(a.heads, args.kv_heads, "KV head", f"flavor {flavor!r}")
     q_lo, q_hi = parse_range(a.query_range, a.seq_len)
 
-    if a.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise VizError("--device cuda: torch sees no CUDA device")
-        device = torch.device(a.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(a.device, a.dtype)
 
     from nsa_flex.data.tokenizer import load_tokenizer
 
