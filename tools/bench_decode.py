@@ -87,40 +87,13 @@ def build(context: int, batch: int, heads: int, kv_heads: int, head_dim: int, di
     return model, dec
 
 
-def dense_step(model, caches):
-    """The same model with dense attention of the new token over the whole cache (llama3's
-    attention with a KV cache: ``caches`` holds one (k, v) [B, Hkv, C, D] pair per layer)."""
-
-    @torch.no_grad()
-    def step(tokens, pos):
-        from nsa_flex.model.model import apply_rotary_emb
-        h = model.tok_embeddings(tokens[:, None])
-        B = h.shape[0]
-        bi = torch.arange(B, device=h.device)
-        for block, (k_cache, v_cache) in zip(model.layers.values(), caches):
-            attn = block.attention
-            x = block.attention_norm(h)
-            q = attn.wq(x).view(B, 1, -1, attn.head_dim)
-            k = attn.wk(x).view(B, 1, -1, attn.head_dim)
-            v = attn.wv(x).view(B, 1, -1, attn.v_head_dim)
-            q, k = apply_rotary_emb(q, k, model.freqs_cis, pos[:, None])
-            k_cache[bi, :, pos] = k[:, 0]
-            v_cache[bi, :, pos] = v[:, 0]
-            o = sdpa_gqa(q.transpose(1, 2), k_cache, v_cache)
-            h = h + attn.wo(o.transpose(1, 2).reshape(B, 1, -1))
-            h = h + block.feed_forward(block.ffn_norm(h))
-        return model.output(model.norm(h))[:, 0].float()
-
-    return step
-
-
-def dense_attention(model, k_cache, v_cache):
-    """Layer 0's attention as dense decoding does it: projections, RoPE, cache write, SDPA."""
-    attn = model.layers["0"].attention
+def dense_attention(model, attn, k_cache, v_cache):
+    """``attn``'s attention as dense decoding does it (llama3 with a KV cache): q/k/v
+    projections, RoPE, cache write, SDPA over the whole cache. x [B, 1, dim] -> [B, Hq, 1, Dv]."""
+    from nsa_flex.model.model import apply_rotary_emb
 
     @torch.no_grad()
     def step(x, pos):
-        from nsa_flex.model.model import apply_rotary_emb
         B = x.shape[0]
         q = attn.wq(x).view(B, 1, -1, attn.head_dim)
         k = attn.wk(x).view(B, 1, -1, attn.head_dim)
@@ -130,6 +103,25 @@ def dense_attention(model, k_cache, v_cache):
         k_cache[bi, :, pos] = k[:, 0]
         v_cache[bi, :, pos] = v[:, 0]
         return sdpa_gqa(q.transpose(1, 2), k_cache, v_cache)
+
+    return step
+
+
+def dense_step(model, caches):
+    """The same model with dense attention (:func:`dense_attention`) in every layer; ``caches``
+    holds one (k, v) [B, Hkv, C, D] pair per layer."""
+    layers = [(block, dense_attention(model, block.attention, *kv))
+              for block, kv in zip(model.layers.values(), caches)]
+
+    @torch.no_grad()
+    def step(tokens, pos):
+        h = model.tok_embeddings(tokens[:, None])
+        B = h.shape[0]
+        for block, attend in layers:
+            o = attend(block.attention_norm(h), pos)
+            h = h + block.attention.wo(o.transpose(1, 2).reshape(B, 1, -1))
+            h = h + block.feed_forward(block.ffn_norm(h))
+        return model.output(model.norm(h))[:, 0].float()
 
     return step
 
@@ -146,7 +138,7 @@ def prepare(context: int, batch: int, a) -> dict:
     caches = [tuple(torch.randn(batch, a.kv_heads, context, a.head_dim, device="cuda",
                                 dtype=torch.bfloat16) for _ in range(2)) for _ in range(a.layers)]
     dense = torch.compile(dense_step(model, caches), fullgraph=True, mode="reduce-overhead")
-    dense_attn = torch.compile(dense_attention(model, *caches[0]), fullgraph=True,
+    dense_attn = torch.compile(dense_attention(model, model.layers["0"].attention, *caches[0]), fullgraph=True,
                                mode="reduce-overhead")
     attn, lc = model.layers["0"].attention, dec.cache.layers[0]
     nsa_attn = torch.compile(lambda x, t: _attention_step(attn, lc, x, t, model.freqs_cis, False)[0],
