@@ -23,6 +23,29 @@ import triton.language as tl
 
 
 @triton.jit
+def merge_top_n(best_v, best_j, v, j, slot, N: tl.constexpr):
+    """One chunk into the kept lists: best_v, best_j [BR, NP] (value, block; −3: empty slot),
+    v [BR, BS] the chunk's values at blocks j [BS] (numbers above the kept ones), slot
+    tl.arange(0, NP). Returns the new kept lists, the best N of both, ties to the lower j."""
+    new_v = tl.zeros_like(best_v) - 3.0
+    new_j = tl.zeros_like(best_j) + 2147483647
+    for i in range(N):
+        mc = tl.max(v, axis=1)
+        jc = tl.min(tl.where(v == mc[:, None], j[None, :], 2147483647), axis=1)
+        mb = tl.max(best_v, axis=1)
+        jb = tl.min(tl.where(best_v == mb[:, None], best_j, 2147483647), axis=1)
+        from_chunk = (mc > mb) | ((mc == mb) & (jc < jb))
+        m = tl.where(from_chunk, mc, mb)
+        pick = tl.where(from_chunk, jc, jb)
+        keep = (slot[None, :] == i) & (m >= 0)[:, None]
+        new_v = tl.where(keep, m[:, None], new_v)
+        new_j = tl.where(keep, pick[:, None], new_j)
+        v = tl.where(from_chunk[:, None] & (j[None, :] == jc[:, None]), -2.0, v)
+        best_v = tl.where(~from_chunk[:, None] & (best_j == jb[:, None]), -3.0, best_v)
+    return new_v, new_j
+
+
+@triton.jit
 def _top_n_kernel(p_ptr, out_ptr, start_ptr, rows, t0, P, H, Ts, n_init, n_local, ss_b,
                   SEL_BLOCK: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
                   BR: tl.constexpr, BS: tl.constexpr, DOCS: tl.constexpr):
@@ -44,22 +67,7 @@ def _top_n_kernel(p_ptr, out_ptr, start_ptr, rows, t0, P, H, Ts, n_init, n_local
         forced = cand & ((j[None, :] < n_init) | (j[None, :] > cur[:, None] - n_local))
         v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
         v = tl.where(inside, v, -2.5)                    # past the row: below any block
-        new_v = tl.full([BR, NP], -3.0, tl.float32)
-        new_j = tl.full([BR, NP], 2147483647, tl.int32)
-        for i in range(N):
-            mc = tl.max(v, axis=1)
-            jc = tl.min(tl.where(v == mc[:, None], j[None, :], 2147483647), axis=1)
-            mb = tl.max(best_v, axis=1)
-            jb = tl.min(tl.where(best_v == mb[:, None], best_j, 2147483647), axis=1)
-            from_chunk = (mc > mb) | ((mc == mb) & (jc < jb))
-            m = tl.where(from_chunk, mc, mb)
-            pick = tl.where(from_chunk, jc, jb)
-            keep = (slot[None, :] == i) & (m >= 0)[:, None]
-            new_v = tl.where(keep, m[:, None], new_v)
-            new_j = tl.where(keep, pick[:, None], new_j)
-            v = tl.where(from_chunk[:, None] & (j[None, :] == jc[:, None]), -2.0, v)
-            best_v = tl.where(~from_chunk[:, None] & (best_j == jb[:, None]), -3.0, best_v)
-        best_v, best_j = new_v, new_j
+        best_v, best_j = merge_top_n(best_v, best_j, v, j, slot, N)
     out = tl.where(best_v >= 0, best_j, -1)
     tl.store(out_ptr + r[:, None].to(tl.int64) * N + slot[None, :], out,
              mask=row_ok[:, None] & (slot < N)[None, :])
