@@ -26,7 +26,9 @@ no host sync, and compiles with ``torch.compile(fullgraph=True)``):
    and k_swa; the new entries are written at t (rings at t mod l, t mod W).
 2. Compression (eq. 7): where t = i·d + l − 1 a block completes; k̃_i = φ(kc[t−l+1 … t]) with
    ``Compression._phi`` (the same MLP and position embedding as ``Compression.forward``) is
-   written to slot i. φ runs every step; ``torch.where`` keeps the slot unchanged elsewhere.
+   written to slot i. With torch ops φ runs every step and ``torch.where`` keeps the slot
+   unchanged elsewhere; the Triton kernel reads φ's weights only on the steps that complete a
+   block.
 3. Compressed branch (eq. 7): softmax(scale·q·k̃_i) over the visible blocks i·d + l − 1 ≤ t, per
    query head; a row with no visible block (t < l − 1) gets o_cmp = 0 (pinned).
 4. Selection (eqs. 8–12): p_cmp summed over the G query heads of each KV head group (eq. 10),
@@ -36,6 +38,10 @@ no host sync, and compiles with ``torch.compile(fullgraph=True)``):
 6. Sliding branch: softmax over the w keys t − w < s ≤ t.
 7. Gated sum (eq. 5) o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa in float32, g = sigmoid(gate(x));
    then ``wo`` and the rest of llama3's block (residual, ffn_norm, feed_forward), norm, output.
+
+Steps 2–7 run as torch ops (``kernel="torch"``, any device, written below as the equations read)
+or as six Triton launches (``kernel="triton"``, nsa_flex/decode_kernel.py; the default on CUDA),
+which read only the compressed keys, the n selected blocks and the window of each sequence.
 
 Ragged batches: prompts of different lengths are right-padded to one length for the prefill (a
 causal model's rows never see the padding) and every sequence then advances from its own length.
@@ -47,6 +53,7 @@ A request that would exceed the capacity (prompt + new tokens > C) is refused be
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -54,6 +61,19 @@ from torch import nn
 from nsa_flex.compression import num_cmp_blocks
 from nsa_flex.model.model import apply_rotary_emb
 from nsa_flex.selection import pool_to_selection_blocks, top_n
+
+
+KERNELS = ("torch", "triton")   # the attention over the cache: torch ops, or decode_kernel.py
+
+
+def check_kernel(kernel: str, device) -> None:
+    """Refuse a decode kernel that cannot run on ``device``, before any compute."""
+    if kernel not in KERNELS:
+        raise ValueError(f"decode kernel {kernel!r} is not one of {KERNELS}")
+    if kernel == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"decode kernel 'triton' needs a CUDA device (the model is on {device}); "
+                         f"use kernel='torch' (generate: --decode-kernel torch), or TRITON_INTERPRET=1 to "
+                         f"run the Triton kernels on the CPU under Triton's interpreter (slow)")
 
 
 class CacheCapacityError(ValueError):
@@ -134,10 +154,15 @@ def _attend(q, k, v, mask, scale: float, dtype):
     return o.to(dtype), lse.squeeze(-1)
 
 
-def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool):
+def _phi_params(phi) -> list[torch.Tensor]:
+    return [phi.pos_emb, phi.fc1.weight, phi.fc1.bias, phi.fc2.weight, phi.fc2.bias]
+
+
+def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool, kernel: str = "torch"):
     """One NSAAttention layer for one token per sequence. x [B, 1, dim] (after attention_norm),
     t [B] positions. Writes the new entries into ``lc``; returns (out [B, 1, Hq·Dv] before
-    ``wo``, selected blocks [B, Hkv, n] or None)."""
+    ``wo``, selected blocks [B, Hkv, n] or None). ``kernel``: steps 3–7 as torch ops ("torch")
+    or in Triton (nsa_flex/decode_kernel.py, "triton")."""
     cfg = attn.nsa_config
     B = x.shape[0]
     Dk, Dv = attn.head_dim, attn.v_head_dim
@@ -173,9 +198,11 @@ def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool)
         lc.v_swa[bi, :, t % W] = v_swa
     qg = q[:, 0].view(B, Hkv, G, Dk)                             # head h = kv_head·G + g
 
-    # 2.–4. compression, compressed branch, selection scores
-    Ts = -(-C // lp)
-    if Tc > 0:
+    # 2. compression: the block ending at t, if one does
+    if Tc > 0 and kernel == "triton":   # two launches that read φ's weights only when one does
+        torch.ops.nsa_flex.decode_compress(t, lc.kc, lc.vc, _phi_params(attn.compress_k),
+                                           _phi_params(attn.compress_v), lc.k_cmp, lc.v_cmp, l, d)
+    elif Tc > 0:
         start = t - (l - 1)                                      # first token of the block ending at t
         ready = (start >= 0) & (start % d == 0)
         slot = (start.clamp(min=0) // d).clamp(max=Tc - 1)
@@ -184,6 +211,16 @@ def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool)
             block = ring_buf[bi[:, None], :, ring].transpose(1, 2)    # [B, Hkv, l, D]
             new = phi._phi(block)                                     # [B, Hkv, D]
             out[bi, :, slot] = torch.where(ready[:, None, None], new, out[bi, :, slot])
+    k_win, v_win = (lc.k_swa, lc.v_swa) if lc.separate else (lc.k, lc.v)
+    if kernel == "triton":   # 3.–7. in four launches (decode_kernel.py)
+        o, idx = torch.ops.nsa_flex.decode_attention(
+            qg, lc.k, lc.v, lc.k_cmp, lc.v_cmp, k_win, v_win, t, gates.view(B, Hkv, G, 3),
+            l, d, lp, cfg.sel_topn, cfg.n_init, cfg.n_local, cfg.window, scale, lc.separate)
+        return o.reshape(B, 1, -1), (idx if return_indices else None)
+
+    # 3.–4. compressed branch, selection scores
+    Ts = -(-C // lp)
+    if Tc > 0:
         visible = torch.where(t >= l - 1, (t - (l - 1)).clamp(min=0) // d + 1, 0)   # blocks seen
         cmp_mask = (torch.arange(Tc, device=dev)[None, :] < visible[:, None])[:, None, None, :]
         # one score matmul for both: eq. 8's p = exp(scale·q·k̃ − lse) (as the operator's
@@ -215,7 +252,6 @@ def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool)
     r = torch.arange(W, device=dev)
     if lc.separate:   # slot r of the ring holds position t − ((t − r) mod W)
         held = t[:, None] - (t[:, None] - r) % W
-        k_win, v_win = lc.k_swa, lc.v_swa
     else:
         held = t[:, None] - (W - 1) + r
         k_win = lc.k[bi[:, None], :, held.clamp(min=0)].transpose(1, 2)
@@ -229,17 +265,19 @@ def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool)
 
 
 @torch.no_grad()
-def decode_step(model, cache: NSACache, tokens: torch.Tensor, return_indices: bool = False):
+def decode_step(model, cache: NSACache, tokens: torch.Tensor, return_indices: bool = False,
+                kernel: str = "torch"):
     """One token per sequence at positions ``cache.pos``: tokens [B] -> logits [B, vocab]
     (float32); ``cache.pos`` advances by one. With ``return_indices`` also the selected blocks
-    of every layer, a list of [B, Hkv, n] int32 (−1 unused). No host sync, static shapes."""
+    of every layer, a list of [B, Hkv, n] int32 (−1 unused). No host sync, static shapes.
+    ``kernel``: "torch" or "triton" (:data:`KERNELS`)."""
     t = cache.pos
     h = model.tok_embeddings(tokens[:, None])
     selections = []
     for block, lc in zip(model.layers.values(), cache.layers):
         attn = block.attention
         out, idx = _attention_step(attn, lc, block.attention_norm(h), t, model.freqs_cis,
-                                   return_indices)
+                                   return_indices, kernel)
         h = h + attn.wo(out)
         h = h + block.feed_forward(block.ffn_norm(h))
         selections.append(idx)
@@ -357,9 +395,12 @@ class NSADecoder:
     """Prefill and decode steps for ``model`` (an NSATransformer in eval mode) over a cache of
     ``batch`` sequences and ``capacity`` positions. ``compile``: the step under
     ``torch.compile(fullgraph=True, dynamic=False)`` (``mode`` e.g. "reduce-overhead" for CUDA
-    graphs; the cache's buffers are marked static so that they keep their addresses)."""
+    graphs; the cache's buffers are marked static so that they keep their addresses).
+    ``kernel``: the attention over the cache, "triton" (decode_kernel.py; the default on CUDA)
+    or "torch" (the default elsewhere)."""
 
-    def __init__(self, model, batch: int, capacity: int, compile: bool = False, mode: str | None = None):
+    def __init__(self, model, batch: int, capacity: int, compile: bool = False, mode: str | None = None,
+                 kernel: str | None = None):
         rope = model.freqs_cis.shape[0]
         if capacity > rope:
             raise CacheCapacityError(
@@ -367,9 +408,13 @@ class NSADecoder:
                 f"build the model with max_seq_len >= {capacity} (the table is not a weight: "
                 f"model_args(..., seq_len={capacity}) or replace(args, max_seq_len={capacity}))")
         p = next(model.parameters())
-        self.model = model
+        kernel = kernel or ("triton" if p.is_cuda else "torch")
+        check_kernel(kernel, p.device)
+        if kernel == "triton":
+            from . import decode_kernel  # noqa: F401  (registers torch.ops.nsa_flex.decode_attention)
+        self.model, self.kernel = model, kernel
         self.cache = NSACache(model.model_args, batch, capacity, p.device, p.dtype)
-        self._step = functools.partial(decode_step, model, self.cache)
+        self._step = functools.partial(decode_step, model, self.cache, kernel=kernel)
         if compile:
             for b in self.cache.buffers():
                 torch._dynamo.mark_static_address(b)

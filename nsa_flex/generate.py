@@ -36,7 +36,7 @@ import torch
 from nsa_flex.checkpoint import (CheckpointError, add_device_arguments, build_model,
                                  checkpoint_model_keys, device_and_dtype, model_args, newest_step,
                                  parse_overrides, read_config, resolve_checkpoint)
-from nsa_flex.decode import CacheCapacityError, NSADecoder
+from nsa_flex.decode import KERNELS, CacheCapacityError, NSADecoder
 from nsa_flex.hf import CONFIG_NAME, HFExportError, args_from_config, load_hf_state_dict
 from nsa_flex.hf import read_config as read_hf_config
 
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the prefill's operator runs on CUDA: 'dense' (default, nothing to "
                         "compile), 'flex' (the compiled FlexAttention kernels of training), 'auto' "
                         "(the operator's choice). CPU: dense")
+    p.add_argument("--decode-kernel", default=None, choices=KERNELS,
+                   help="the decode step's attention over the cache: 'triton' (decode_kernel.py, "
+                        "the default on CUDA) or 'torch' (the default on CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: torch's choice; 1 is often fastest for a "
                         "small model, whose per-token ops are too small to split)")
@@ -345,7 +348,8 @@ def run(argv: list[str] | None = None, out=None, err=None) -> dict:
         for m in model.modules():
             if isinstance(m, NSAAttention):
                 m.kernel = kernel
-    decoder = NSADecoder(model, len(prompts), capacity, compile=a.compile, mode=a.compile_mode)
+    decoder = NSADecoder(model, len(prompts), capacity, compile=a.compile, mode=a.compile_mode,
+                         kernel=a.decode_kernel)
     gen = torch.Generator(device=device)
     gen.manual_seed(a.seed)
 

@@ -179,9 +179,10 @@ def test_sampling_rules():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_the_compiled_step_on_cuda_matches_the_forward(mode):
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_the_compiled_step_on_cuda_matches_the_forward(mode, kernel):
     """Inductor (and with reduce-overhead a CUDA graph) against the forward, float32 on CUDA
-    (reductions in other orders than on CPU: 1e-4)."""
+    (reductions in other orders than on CPU: 1e-4), with either attention over the cache."""
     from nsa_flex.kernels import KernelConfig
 
     model = make_model("separate").cuda()
@@ -190,7 +191,7 @@ def test_the_compiled_step_on_cuda_matches_the_forward(mode):
     lengths, steps = [5, 20], 40
     tokens = torch.randint(0, VOCAB, (2, max(lengths) + steps), device="cuda")
     ref = [full_forward(model, tokens[b, :lengths[b] + steps])[0] for b in range(2)]
-    dec = NSADecoder(model, 2, capacity=64, compile=True, mode=mode)
+    dec = NSADecoder(model, 2, capacity=64, compile=True, mode=mode, kernel=kernel)
     logits = dec.prefill(tokens[:, :max(lengths)], lengths)
     worst = max(rel_err(logits[b], ref[b][lengths[b] - 1]) for b in range(2))
     for k in range(steps):
@@ -201,15 +202,18 @@ def test_the_compiled_step_on_cuda_matches_the_forward(mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_decoding_on_cuda_follows_the_compiled_forward_without_recompiles():
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_bf16_decoding_on_cuda_follows_the_compiled_forward_without_recompiles(kernel):
     """bf16 on CUDA: the full forward through the compiled flex operator against 100 cached steps
     (CUDA graphs), ragged prompts; logits within bf16's usual tolerance, at least 90% of the
     selections the same sets (bf16 may flip near-ties), and 0 recompiles over the 100 steps."""
-    model = make_model("separate").cuda().to(torch.bfloat16)
+    model = make_model("separate").cuda()
+    model._apply(lambda x: x.to(torch.bfloat16) if x.is_floating_point() else x)   # RoPE stays complex
     lengths, steps = [7, 20], 100                  # capacity 120 <= the model's 128 positions
     tokens = torch.randint(0, VOCAB, (2, max(lengths) + steps), device="cuda")
     refs = [full_forward(model, tokens[b, :lengths[b] + steps]) for b in range(2)]
-    dec = NSADecoder(model, 2, capacity=max(lengths) + steps, compile=True, mode="reduce-overhead")
+    dec = NSADecoder(model, 2, capacity=max(lengths) + steps, compile=True, mode="reduce-overhead",
+                     kernel=kernel)
     dec.prefill(tokens[:, :max(lengths)], lengths)
     rows = torch.arange(2, device="cuda")
     worst, same, total = 0.0, 0, 0
@@ -217,7 +221,7 @@ def test_bf16_decoding_on_cuda_follows_the_compiled_forward_without_recompiles()
         pos = [n + k for n in lengths]
         new = tokens[rows, torch.tensor(pos, device="cuda")]
         if k % 25 == 24:   # now and then a step run eagerly, with its selections
-            logits, sels = decode_step(model, dec.cache, new, return_indices=True)
+            logits, sels = decode_step(model, dec.cache, new, return_indices=True, kernel=kernel)
             for layer, idx in enumerate(sels):
                 for b, t in enumerate(pos):
                     want = refs[b][1][layer][t]
@@ -235,3 +239,14 @@ def test_bf16_decoding_on_cuda_follows_the_compiled_forward_without_recompiles()
                                for b, t in enumerate(pos)))
     assert worst <= 3e-2, worst
     assert same >= 0.9 * total, (same, total)
+
+
+def test_a_decode_kernel_that_cannot_run_is_refused(monkeypatch):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"decode kernel 'cuda' is not one of \('torch', 'triton'\)"):
+        NSADecoder(model, 1, 16, kernel="cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="'triton' needs a CUDA device.*kernel='torch'"):
+            NSADecoder(model, 1, 16, kernel="triton")
+    assert NSADecoder(model, 1, 16).kernel == ("triton" if next(model.parameters()).is_cuda else "torch")
