@@ -13,7 +13,11 @@ each compiled with CUDA graphs:
 - ``nsa_attention``: layer 0's NSA attention alone (its projections, compression of a completed
   block, scores, top-n, the three branches, the gate; up to ``wo``);
 - ``dense_attention``: layer 0's dense attention alone (q/k/v projections, RoPE, cache write,
-  SDPA).
+  SDPA);
+- ``nsa_kernel``: the attention over the cache alone, from the new token's q and gates to the
+  gated output (``--decode-kernel``: the Triton launches of nsa_flex/decode_kernel.py, or torch
+  ops; the cache update and φ excluded);
+- ``dense_kernel``: SDPA of the new token over the whole cache alone.
 
 SDPA is called as an opaque op (eager SDPA with ``enable_gqa``): compiled, Inductor would expand
 the KV heads to the query heads, reading and writing 16x the cache. Every row is compiled first
@@ -63,7 +67,7 @@ def profile(fn, steps: int = 20, top: int = 25) -> list[dict]:
 
 
 def build(context: int, batch: int, heads: int, kv_heads: int, head_dim: int, dim: int,
-          layers: int, vocab: int):
+          layers: int, vocab: int, kernel: str):
     from nsa_flex.decode import NSADecoder
     from nsa_flex.model import NSATransformer, nsa_flavors
     from nsa_flex.model.args import replace
@@ -78,8 +82,8 @@ def build(context: int, batch: int, heads: int, kv_heads: int, head_dim: int, di
         for m in model.modules():                  # random gates: all three branches matter
             if hasattr(m, "gate") and isinstance(m.gate, torch.nn.Linear):
                 torch.nn.init.normal_(m.gate.weight, std=0.1)
-    model = model.to(torch.bfloat16).eval()
-    dec = NSADecoder(model, batch, context + 8, compile=True, mode="reduce-overhead")
+    model = model._apply(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t).eval()   # RoPE stays complex
+    dec = NSADecoder(model, batch, context + 8, compile=True, mode="reduce-overhead", kernel=kernel)
     with torch.no_grad():
         for b in dec.cache.buffers():
             if b.is_floating_point():
@@ -129,9 +133,11 @@ def dense_step(model, caches):
 def prepare(context: int, batch: int, a) -> dict:
     """Build, compile and warm up one row's four functions: the NSA model step, the dense model
     step, and each one's layer-0 attention alone (projections up to the attention output)."""
+    from nsa_flex import decode_kernel  # noqa: F401  (registers torch.ops.nsa_flex.decode_attention)
     from nsa_flex.decode import _attention_step
 
-    model, dec = build(context, batch, a.heads, a.kv_heads, a.head_dim, a.dim, a.layers, a.vocab)
+    model, dec = build(context, batch, a.heads, a.kv_heads, a.head_dim, a.dim, a.layers, a.vocab,
+                       a.decode_kernel)
     tokens = torch.randint(0, a.vocab, (batch,), device="cuda")
     start = torch.full((batch,), context - 1, device="cuda", dtype=torch.long)
     x = torch.randn(batch, 1, a.dim, device="cuda", dtype=torch.bfloat16)
@@ -141,15 +147,33 @@ def prepare(context: int, batch: int, a) -> dict:
     dense_attn = torch.compile(dense_attention(model, model.layers["0"].attention, *caches[0]), fullgraph=True,
                                mode="reduce-overhead")
     attn, lc = model.layers["0"].attention, dec.cache.layers[0]
-    nsa_attn = torch.compile(lambda x, t: _attention_step(attn, lc, x, t, model.freqs_cis, False)[0],
-                             fullgraph=True, mode="reduce-overhead")
+
+    @torch.no_grad()
+    def nsa_layer_attention(x, t):
+        return _attention_step(attn, lc, x, t, model.freqs_cis, False, a.decode_kernel)[0]
+    nsa_attn = torch.compile(nsa_layer_attention, fullgraph=True, mode="reduce-overhead")
+    cfg, G = attn.nsa_config, a.heads // a.kv_heads
+    qg = torch.randn(batch, a.kv_heads, G, a.head_dim, device="cuda", dtype=torch.bfloat16)
+    q_dense = qg.view(batch, a.heads, 1, a.head_dim)
+    gates = torch.rand(batch, a.kv_heads, G, 3, device="cuda")
+    win = (lc.k_swa, lc.v_swa) if lc.separate else (lc.k, lc.v)
+
+    @torch.no_grad()
+    def nsa_cache_attention(t):
+        return torch.ops.nsa_flex.decode_attention(
+            qg, lc.k, lc.v, lc.k_cmp, lc.v_cmp, *win, t, gates, cfg.cmp_block, cfg.cmp_stride,
+            cfg.sel_block, cfg.sel_topn, cfg.n_init, cfg.n_local, cfg.window,
+            cfg.softmax_scale(a.head_dim), lc.separate)[0]
+    nsa_kernel = torch.compile(nsa_cache_attention, fullgraph=True, mode="reduce-overhead")
+    dense_kernel = torch.compile(lambda: sdpa_gqa(q_dense, *caches[0]), fullgraph=True, mode="reduce-overhead")
 
     def nsa():
         dec.cache.pos.copy_(start)
         return dec.step(tokens)
 
     fns = {"nsa_step": nsa, "dense_step": lambda: dense(tokens, start),
-           "nsa_attention": lambda: nsa_attn(x, start), "dense_attention": lambda: dense_attn(x, start)}
+           "nsa_attention": lambda: nsa_attn(x, start), "dense_attention": lambda: dense_attn(x, start),
+           "nsa_kernel": lambda: nsa_kernel(start), "dense_kernel": dense_kernel}
     fns = {k: fn for k, fn in fns.items() if k.rsplit("_", 1)[1] in a.only}
     for fn in fns.values():   # compile, capture, warm up
         for _ in range(3):
@@ -169,8 +193,12 @@ def main():
     ap.add_argument("--layers", type=int, default=1, help="transformer blocks (default 1)")
     ap.add_argument("--vocab", type=int, default=256, help="vocabulary size (default 256)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", nargs="+", choices=("step", "attention"), default=["step", "attention"],
-                    help="time the model steps, the layer-0 attentions, or both (default both)")
+    ap.add_argument("--only", nargs="+", choices=("step", "attention", "kernel"),
+                    default=["step", "attention", "kernel"],
+                    help="time the model steps, the layer-0 attentions, the attention over the cache "
+                         "alone (default all three)")
+    ap.add_argument("--decode-kernel", default="triton", choices=("triton", "torch"),
+                    help="NSA's attention over the cache (default triton: nsa_flex/decode_kernel.py)")
     ap.add_argument("--profile", action="store_true",
                     help="also record the kernels of the steps (torch.profiler) in the JSON, printed")
     ap.add_argument("--wait-for", nargs="+", default=[], metavar="PATH",
@@ -179,6 +207,8 @@ def main():
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/bench_decode.py times GPU kernels and torch sees no CUDA device here")
+    if "kernel" in a.only and a.decode_kernel != "triton":
+        raise SystemExit("--only kernel times the Triton decode kernel: it needs --decode-kernel triton")
     from triton.testing import do_bench
 
     from nsa_flex import patches
@@ -212,8 +242,9 @@ def main():
                     row["nsa_tokens_per_s"] = row["batch"] / row["nsa_step_us"] * 1e6
                     row["dense_tokens_per_s"] = row["batch"] / row["dense_step_us"] * 1e6
                     row["speedup_step"] = row["dense_step_us"] / row["nsa_step_us"]
-                if "attention" in a.only:
-                    row["speedup_attention"] = row["dense_attention_us"] / row["nsa_attention_us"]
+                for f in ("attention", "kernel"):
+                    if f in a.only:
+                        row[f"speedup_{f}"] = row[f"dense_{f}_us"] / row[f"nsa_{f}_us"]
                 if a.profile:
                     for name in fns:
                         row[f"{name}_kernels"] = profile(fns[name])
@@ -221,12 +252,12 @@ def main():
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_kernels")}), flush=True)
-        for name in ("nsa_attention", "nsa_step"):
+        for name in ("nsa_kernel", "nsa_attention", "nsa_step"):
             for r in row.get(f"{name}_kernels", [])[:12]:
                 print(f"  {name} {r['us_per_call']:8.1f} us {r['count']:3d}x {r['kernel']}")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
             "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dim": a.dim,
-            "layers": a.layers, "vocab": a.vocab, "date": time.strftime("%Y-%m-%d"),
+            "layers": a.layers, "vocab": a.vocab, "decode_kernel": a.decode_kernel, "date": time.strftime("%Y-%m-%d"),
             "timing": "median of triton do_bench (warmup 50 ms, 300 ms), compiled, CUDA graphs",
             "command": "python tools/bench_decode.py " + " ".join(sys.argv[1:])}
     json.dump({"meta": meta, "rows": rows}, open(a.out, "w"), indent=1)
