@@ -371,7 +371,7 @@ def launch(q, k, v, k_cmp, v_cmp, k_win, v_win, t, gates, cmp_block: int, cmp_st
         BJ=BLOCK_SEL, LOWP=lowp, num_warps=4, num_stages=stages)
     wrap(_selected_kernel)[(sel_topn, BH)](
         q, k, v, t, p_slc, idx, m, l, acc, Hkv, G, Dk, Dv, C, Ts, n_init, n_local,
-        nsplit + nwin, npart, sel_block, SCALE=scale, N=sel_topn, NP=_pow2(sel_topn, 2),
+        nsplit + nwin, npart, sel_block, SCALE=scale, N=sel_topn, NP=_pow2(sel_topn),
         BS=min(TOPN_CHUNK, _pow2(Ts)), BL=_pow2(sel_block), GP=GP, DKP=DKP, DVP=DVP, LOWP=lowp,
         num_warps=4, num_stages=stages)
     wrap(_combine_kernel)[(BH * G,)](gates, out, m, l, acc, G, Dv, nsplit, nwin, npart,

@@ -94,7 +94,7 @@ def launch(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: i
     kernel = launcher(_top_n_kernel) if launcher is not None else _top_n_kernel
     kernel[(triton.cdiv(rows, br),)](p_slc, out, doc_start if docs else out, rows, t0, P, H, Ts,
                                      n_init, n_local, doc_start.stride(0) if docs else 0,
-                                     SEL_BLOCK=sel_block, N=n, NP=max(2, triton.next_power_of_2(n)),
+                                     SEL_BLOCK=sel_block, N=n, NP=max(16, triton.next_power_of_2(n)),
                                      BR=br, BS=bs, DOCS=docs, num_warps=4)
     return out
 
