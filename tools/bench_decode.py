@@ -4,7 +4,7 @@ contexts (GPU).
 An nsa model (by default one layer of attention width Hq·D with dim 1024, Hq = 64, Hkv = 4,
 D = 128 and the paper's NSA settings; ``--layers/--dim/--heads/...`` for a whole model) decodes
 one token per sequence from a cache already holding ``context`` positions (random keys, values
-and compressed blocks: decode time does not depend on their values). Four functions are timed,
+and compressed blocks: decode time does not depend on their values). These functions are timed,
 each compiled with CUDA graphs:
 
 - ``nsa_step``: ``nsa_flex.decode.decode_step``, the whole model for one token;
@@ -18,6 +18,12 @@ each compiled with CUDA graphs:
   gated output (``--decode-kernel``: the Triton launches of nsa_flex/decode_kernel.py, or torch
   ops; the cache update and φ excluded);
 - ``dense_kernel``: SDPA of the new token over the whole cache alone.
+
+The NSA step and layer run at a position that completes no compression block (φ idle, as on
+d − 1 of every d steps) and, as ``nsa_step_block`` / ``nsa_attention_block``, at one that does.
+Every cache has a fixed address (no copy into the CUDA graph's inputs). With ``--profile`` the
+JSON also holds each function's GPU kernel time per call (``*_gpu_us``, torch.profiler) and its
+largest kernels: at batch 1 the host side of a graph replay can take longer than the kernels.
 
 SDPA is called as an opaque op (eager SDPA with ``enable_gqa``): compiled, Inductor would expand
 the KV heads to the query heads, reading and writing 16x the cache. Every row is compiled first
@@ -52,8 +58,9 @@ def _(q, k, v):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def profile(fn, steps: int = 20, top: int = 25) -> list[dict]:
-    """GPU kernel time per call of ``fn``, by kernel name (torch.profiler), the largest first."""
+def profile(fn, steps: int = 20, top: int = 25) -> tuple[float, list[dict]]:
+    """GPU kernel time per call of ``fn``: the total, and by kernel name (torch.profiler) the
+    ``top`` largest."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
@@ -63,7 +70,7 @@ def profile(fn, steps: int = 20, top: int = 25) -> list[dict]:
         torch.cuda.synchronize()
     rows = [{"kernel": e.key[:100], "us_per_call": e.device_time_total / steps, "count": e.count // steps}
             for e in p.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+    return sum(r["us_per_call"] for r in rows), sorted(rows, key=lambda r: -r["us_per_call"])[:top]
 
 
 def build(context: int, batch: int, heads: int, kv_heads: int, head_dim: int, dim: int,
@@ -139,10 +146,20 @@ def prepare(context: int, batch: int, a) -> dict:
     model, dec = build(context, batch, a.heads, a.kv_heads, a.head_dim, a.dim, a.layers, a.vocab,
                        a.decode_kernel)
     tokens = torch.randint(0, a.vocab, (batch,), device="cuda")
-    start = torch.full((batch,), context - 1, device="cuda", dtype=torch.long)
+    # a step at a position that completes no compression block (φ idle; 15 of every 16 steps
+    # with d = 16) and, as "nsa_*_block", the last one that does (φ runs)
+    cfg = model.layers["0"].attention.nsa_config
+    l, d = cfg.cmp_block, cfg.cmp_stride
+    completes = [t for t in range(context - 1, context - 1 - 2 * d, -1) if t >= l - 1 and (t - l + 1) % d == 0]
+    idle = [t for t in range(context - 1, context - 1 - 2 * d, -1) if not (t >= l - 1 and (t - l + 1) % d == 0)]
+    start = torch.full((batch,), (idle or completes)[0], device="cuda", dtype=torch.long)
+    block = torch.full((batch,), (completes or idle)[0], device="cuda", dtype=torch.long)
     x = torch.randn(batch, 1, a.dim, device="cuda", dtype=torch.bfloat16)
     caches = [tuple(torch.randn(batch, a.kv_heads, context, a.head_dim, device="cuda",
                                 dtype=torch.bfloat16) for _ in range(2)) for _ in range(a.layers)]
+    for kv in caches:   # like the NSA cache's buffers: fixed addresses, not copied into each replay
+        for c in kv:
+            torch._dynamo.mark_static_address(c)
     dense = torch.compile(dense_step(model, caches), fullgraph=True, mode="reduce-overhead")
     dense_attn = torch.compile(dense_attention(model, model.layers["0"].attention, *caches[0]), fullgraph=True,
                                mode="reduce-overhead")
@@ -152,7 +169,7 @@ def prepare(context: int, batch: int, a) -> dict:
     def nsa_layer_attention(x, t):
         return _attention_step(attn, lc, x, t, model.freqs_cis, False, a.decode_kernel)[0]
     nsa_attn = torch.compile(nsa_layer_attention, fullgraph=True, mode="reduce-overhead")
-    cfg, G = attn.nsa_config, a.heads // a.kv_heads
+    G = a.heads // a.kv_heads
     qg = torch.randn(batch, a.kv_heads, G, a.head_dim, device="cuda", dtype=torch.bfloat16)
     q_dense = qg.view(batch, a.heads, 1, a.head_dim)
     gates = torch.rand(batch, a.kv_heads, G, 3, device="cuda")
@@ -167,14 +184,16 @@ def prepare(context: int, batch: int, a) -> dict:
     nsa_kernel = torch.compile(nsa_cache_attention, fullgraph=True, mode="reduce-overhead")
     dense_kernel = torch.compile(lambda: sdpa_gqa(q_dense, *caches[0]), fullgraph=True, mode="reduce-overhead")
 
-    def nsa():
-        dec.cache.pos.copy_(start)
+    def nsa(at):
+        dec.cache.pos.copy_(at)
         return dec.step(tokens)
 
-    fns = {"nsa_step": nsa, "dense_step": lambda: dense(tokens, start),
-           "nsa_attention": lambda: nsa_attn(x, start), "dense_attention": lambda: dense_attn(x, start),
-           "nsa_kernel": lambda: nsa_kernel(start), "dense_kernel": dense_kernel}
-    fns = {k: fn for k, fn in fns.items() if k.rsplit("_", 1)[1] in a.only}
+    fns = {"step": {"nsa_step": lambda: nsa(start), "nsa_step_block": lambda: nsa(block),
+                    "dense_step": lambda: dense(tokens, start)},
+           "attention": {"nsa_attention": lambda: nsa_attn(x, start), "nsa_attention_block": lambda: nsa_attn(x, block),
+                         "dense_attention": lambda: dense_attn(x, start)},
+           "kernel": {"nsa_kernel": lambda: nsa_kernel(start), "dense_kernel": dense_kernel}}
+    fns = {k: fn for what in a.only for k, fn in fns[what].items()}
     for fn in fns.values():   # compile, capture, warm up
         for _ in range(3):
             fn()
@@ -245,9 +264,11 @@ def main():
                 for f in ("attention", "kernel"):
                     if f in a.only:
                         row[f"speedup_{f}"] = row[f"dense_{f}_us"] / row[f"nsa_{f}_us"]
-                if a.profile:
+                if a.profile:   # GPU time alone: at batch 1 a replay's host side can exceed it
                     for name in fns:
-                        row[f"{name}_kernels"] = profile(fns[name])
+                        row[f"{name}_gpu_us"], row[f"{name}_kernels"] = profile(fns[name])
+                    for f in a.only:
+                        row[f"speedup_{f}_gpu"] = row[f"dense_{f}_gpu_us"] / row[f"nsa_{f}_gpu_us"]
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         rows.append(row)
