@@ -36,7 +36,7 @@ import torch
 from nsa_flex.checkpoint import (CheckpointError, add_device_arguments, build_model,
                                  checkpoint_model_keys, device_and_dtype, model_args, newest_step,
                                  parse_overrides, read_config, resolve_checkpoint)
-from nsa_flex.decode import KERNELS, CacheCapacityError, NSADecoder
+from nsa_flex.decode import KERNELS, CacheCapacityError, NSADecoder, check_kernel
 from nsa_flex.hf import CONFIG_NAME, HFExportError, args_from_config, load_hf_state_dict
 from nsa_flex.hf import read_config as read_hf_config
 
@@ -336,6 +336,11 @@ def run(argv: list[str] | None = None, out=None, err=None) -> dict:
             f"shorten the prompt")
 
     device, dtype = device_and_dtype(a.device, a.dtype)
+    if a.decode_kernel is not None:   # before the model loads
+        try:
+            check_kernel(a.decode_kernel, device)
+        except ValueError as e:
+            raise GenerateError(f"--decode-kernel {a.decode_kernel}: {e}") from None
     if need > src.args.max_seq_len and src.kind == "hf":
         err.write(f"note: {need} positions exceed the {src.args.max_seq_len} the model was "
                   f"trained with (RoPE extrapolates)\n")

@@ -251,6 +251,20 @@ def test_generate_refuses_what_exceeds_the_cache(trained, capsys):
     assert code == 2 and "has 2 layers but this model has 12" in capsys.readouterr().err
 
 
+def test_generate_refuses_the_triton_decode_kernel_on_cpu(trained, capsys, monkeypatch):
+    _, dcp, _ = trained
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = generate.main(["--checkpoint", str(dcp), "--prompt", PROMPT, "--device", "cpu",
+                          "--decode-kernel", "triton"])
+    msg = capsys.readouterr().err
+    assert code == 2 and "--decode-kernel triton: decode kernel 'triton' needs a CUDA device" in msg
+    assert "--decode-kernel torch" in msg
+    r, _, _ = run_generate("--checkpoint", str(dcp), "--prompt", PROMPT, "--max-new-tokens", "8",
+                           "--device", "cpu", "--decode-kernel", "torch")
+    assert r["ids"][0] == run_generate("--checkpoint", str(dcp), "--prompt", PROMPT,
+                                       "--max-new-tokens", "8", "--device", "cpu")[0]["ids"][0]
+
+
 def test_device_and_dtype_resolve_auto_and_refuse_a_missing_gpu(monkeypatch):
     """The CLIs' shared --device/--dtype: auto picks cuda only when torch sees one (bfloat16
     there, float32 on cpu); --device cuda without a GPU stops with a message, before any work."""
