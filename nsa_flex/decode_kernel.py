@@ -20,6 +20,11 @@ l = Σ exp(s − m), acc = Σ exp(s − m)·v) that the last launch merges:
 
 Scores and p·v are float32 (IEEE) for float32 models; for 16-bit models q·k and p·v run on the
 tensor cores (p rounded to the model's dtype, as FlashAttention does) with float32 sums.
+
+Before them, :func:`launch_compress` (two launches) writes k̃, ṽ of a compression block that
+completes at t (eq. 7: φ's MLP over the block's l keys plus the position embedding); its
+programs return at once where no row completes one, so φ's weights are read on 1 step in d.
+Measurements: docs/performance.md, "Decoding".
 """
 
 from __future__ import annotations
