@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topn_kernel import merge_top_n
+from .topn_kernel import merge_top_n, rank_values
 
 BLOCK_ROWS = 64     # keys per tile in every branch's loop
 MAX_SPLITS = 32     # programs per KV head for the compressed branch (and for the window)
@@ -191,10 +191,7 @@ def _selected_kernel(q_ptr, k_ptr, v_ptr, t_ptr, ps_ptr, idx_ptr, m_ptr, l_ptr, 
         j = c0 + tl.arange(0, BS)
         inside = j < Ts
         p = tl.load(ps_ptr + bh * Ts + j, mask=inside, other=0.0)
-        cand = inside & (j <= cur)
-        forced = cand & ((j < n_init) | (j > cur - n_local))
-        v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
-        v = tl.where(inside, v, -2.5)
+        v = rank_values(p, j, inside, cur, n_init, n_local)
         best_v, best_j = merge_top_n(best_v, best_j, v[None, :], j, slot, N)
     chosen = tl.where(best_v >= 0, best_j, -1)                      # [1, NP]
     if i == 0:

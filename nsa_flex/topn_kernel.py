@@ -23,6 +23,17 @@ import triton.language as tl
 
 
 @triton.jit
+def rank_values(p, j, inside, cur, n_init, n_local):
+    """The values ranked for blocks j of rows whose own block is cur (broadcastable): +inf for
+    forced blocks, max(p, 0) for the other candidates (j ≤ cur), −1 for the rest, −2.5 outside
+    the row (eqs. 11–12)."""
+    cand = inside & (j <= cur)
+    forced = cand & ((j < n_init) | (j > cur - n_local))
+    v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
+    return tl.where(inside, v, -2.5)
+
+
+@triton.jit
 def merge_top_n(best_v, best_j, v, j, slot, N: tl.constexpr):
     """One chunk into the kept lists: best_v, best_j [BR, NP] (value, block; −3: empty slot),
     v [BR, BS] the chunk's values at blocks j [BS] (numbers above the kept ones), slot
@@ -63,10 +74,7 @@ def _top_n_kernel(p_ptr, out_ptr, start_ptr, rows, t0, P, H, Ts, n_init, n_local
         j = c0 + tl.arange(0, BS)
         inside = row_ok[:, None] & (j < Ts)[None, :]
         p = tl.load(p_ptr + r[:, None].to(tl.int64) * Ts + j[None, :], mask=inside, other=0.0)
-        cand = inside & (j[None, :] <= cur[:, None])
-        forced = cand & ((j[None, :] < n_init) | (j[None, :] > cur[:, None] - n_local))
-        v = tl.where(forced, float("inf"), tl.where(cand, tl.maximum(p, 0.0), -1.0))
-        v = tl.where(inside, v, -2.5)                    # past the row: below any block
+        v = rank_values(p, j[None, :], inside, cur[:, None], n_init, n_local)
         best_v, best_j = merge_top_n(best_v, best_j, v, j, slot, N)
     out = tl.where(best_v >= 0, best_j, -1)
     tl.store(out_ptr + r[:, None].to(tl.int64) * N + slot[None, :], out,
