@@ -161,7 +161,7 @@ def _phi_params(phi) -> list[torch.Tensor]:
 def _attention_step(attn, lc: LayerCache, x, t, freqs_cis, return_indices: bool, kernel: str = "torch"):
     """One NSAAttention layer for one token per sequence. x [B, 1, dim] (after attention_norm),
     t [B] positions. Writes the new entries into ``lc``; returns (out [B, 1, Hq·Dv] before
-    ``wo``, selected blocks [B, Hkv, n] or None). ``kernel``: steps 3–7 as torch ops ("torch")
+    ``wo``, selected blocks [B, Hkv, n] or None). ``kernel``: steps 2–7 as torch ops ("torch")
     or in Triton (nsa_flex/decode_kernel.py, "triton")."""
     cfg = attn.nsa_config
     B = x.shape[0]
