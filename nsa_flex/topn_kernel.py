@@ -81,6 +81,12 @@ def _top_n_kernel(p_ptr, out_ptr, start_ptr, rows, t0, P, H, Ts, n_init, n_local
              mask=row_ok[:, None] & (slot < N)[None, :])
 
 
+def _warps(elements: int) -> int:
+    """Warps for a program holding ``elements`` values: 1 below 256, up to 4. Triton 3.6 hangs
+    compiling the merge of a one-row [1, 32] or [1, 64] chunk with 4 warps."""
+    return min(4, max(1, elements // 256))
+
+
 def launch(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: int, n: int,
            tile: int, doc_start=None, launcher=None) -> torch.Tensor:
     """[B, Hkv, P, Ts'] float32 scores of positions t0 … t0 + P − 1 -> [B, Hkv, P, n] int32 block
@@ -103,7 +109,7 @@ def launch(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: i
     kernel[(triton.cdiv(rows, br),)](p_slc, out, doc_start if docs else out, rows, t0, P, H, Ts,
                                      n_init, n_local, doc_start.stride(0) if docs else 0,
                                      SEL_BLOCK=sel_block, N=n, NP=max(16, triton.next_power_of_2(n)),
-                                     BR=br, BS=bs, DOCS=docs, num_warps=4)
+                                     BR=br, BS=bs, DOCS=docs, num_warps=_warps(br * bs))
     return out
 
 
