@@ -154,7 +154,8 @@ def _scores_kernel(q_ptr, kc_ptr, t_ptr, m_ptr, l_ptr, ps_ptr, Hkv, G, DK, Tc, T
     L = tl.load(l_ptr + part, mask=has, other=0.0)
     m = tl.max(M, 0)
     ms = tl.where(m == float("-inf"), 0.0, m)
-    lse = ms + tl.log(tl.maximum(tl.sum(L * tl.exp(M - ms[None, :]), 0), 1e-38))
+    # (1e-30, not 1e-38: Triton 3.6 types a constant below float32's least normal as float64)
+    lse = ms + tl.log(tl.maximum(tl.sum(L * tl.exp(M - ms[None, :]), 0), 1e-30))
     visible = tl.where(t >= cmp_block - 1, (t - cmp_block + 1) // cmp_stride + 1, 0)
     q = _load_q(q_ptr, bh, G, DK, GP, DKP)
     j = jb * BJ + tl.arange(0, BJ)
@@ -371,10 +372,11 @@ def launch(q, k, v, k_cmp, v_cmp, k_win, v_win, t, gates, cmp_block: int, cmp_st
         q, k_cmp, t, m, l, p_slc, Hkv, G, Dk, Tc, Ts, nsplit, npart, cmp_block, cmp_stride,
         sel_block, SCALE=scale, R=sel_block // cmp_stride, A=cmp_block // cmp_stride, GP=GP, DKP=DKP, NSP=nsp,
         BJ=BLOCK_SEL, LOWP=lowp, num_warps=4, num_stages=stages)
+    # chunks of at least 128 (up to TOPN_CHUNK): Triton 3.6 hangs compiling the merge of [1, 32] or [1, 64]
     wrap(_selected_kernel)[(sel_topn, BH)](
         q, k, v, t, p_slc, idx, m, l, acc, Hkv, G, Dk, Dv, C, Ts, n_init, n_local,
         nsplit + nwin, npart, sel_block, SCALE=scale, N=sel_topn, NP=_pow2(sel_topn),
-        BS=min(TOPN_CHUNK, _pow2(Ts)), BL=_pow2(sel_block), GP=GP, DKP=DKP, DVP=DVP, LOWP=lowp,
+        BS=min(TOPN_CHUNK, _pow2(Ts, 128)), BL=_pow2(sel_block), GP=GP, DKP=DKP, DVP=DVP, LOWP=lowp,
         num_warps=4, num_stages=stages)
     wrap(_combine_kernel)[(BH * G,)](gates, out, m, l, acc, G, Dv, nsplit, nwin, npart,
                                     GP=GP, DVP=DVP, NSP=nsp, num_warps=4)
