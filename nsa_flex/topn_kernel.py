@@ -106,6 +106,7 @@ def launch(p_slc: torch.Tensor, t0: int, sel_block: int, n_init: int, n_local: i
     if docs:
         doc_start = doc_start.contiguous()
     kernel = launcher(_top_n_kernel) if launcher is not None else _top_n_kernel
+    # NP: at least 16 kept slots (Triton 3.6 hung compiling the merge with fewer)
     kernel[(triton.cdiv(rows, br),)](p_slc, out, doc_start if docs else out, rows, t0, P, H, Ts,
                                      n_init, n_local, doc_start.stride(0) if docs else 0,
                                      SEL_BLOCK=sel_block, N=n, NP=max(16, triton.next_power_of_2(n)),
