@@ -276,7 +276,9 @@ def main():
         for name in ("nsa_kernel", "nsa_attention", "nsa_step"):
             for r in row.get(f"{name}_kernels", [])[:12]:
                 print(f"  {name} {r['us_per_call']:8.1f} us {r['count']:3d}x {r['kernel']}")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
+    import triton
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "dtype": "bfloat16",
             "heads": a.heads, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dim": a.dim,
             "layers": a.layers, "vocab": a.vocab, "decode_kernel": a.decode_kernel, "date": time.strftime("%Y-%m-%d"),
             "timing": "median of triton do_bench (warmup 50 ms, 300 ms), compiled, CUDA graphs",
